@@ -1,0 +1,138 @@
+"""The Transformer2D block used everywhere in XPSR, in diffusers' key layout.
+
+XPSR's text attentions, semantic-fusion branches and conditional (pixel) attentions are
+all the same module: GroupNorm, 1x1 projection, one or more (self-attention,
+cross-attention, GEGLU feed-forward) blocks, projection back, residual. Only the width
+of the cross-attention context differs. Layers come from an ``operations`` namespace
+(``torch.nn`` by default; ComfyUI passes ``comfy.ops`` so that weights are cast and
+offloaded on the fly) and attention from an injectable function, so ComfyUI's own
+memory-efficient attention can be used.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+AttentionFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+"""``attention(q, k, v, heads)`` on (B, N, heads*dim) tensors, returning (B, Nq, heads*dim).
+
+The signature of ComfyUI's ``optimized_attention``, so it can be passed as is.
+"""
+
+Operations = Any
+"""A namespace with ``Linear``, ``Conv2d``, ``GroupNorm`` and ``LayerNorm`` (torch.nn or comfy.ops.*)."""
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """Multi-head attention through ``scaled_dot_product_attention``.
+
+    PyTorch picks a fused kernel (flash / memory-efficient on CUDA, the flash kernel on CPU)
+    that never holds the full attention matrix, which the full-resolution conditional
+    attention needs: a 2048 px output has 65,536 tokens per side.
+    """
+    b, nq, inner = q.shape
+    dim = inner // heads
+    q, k, v = (t.reshape(b, -1, heads, dim).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2).reshape(b, nq, inner)
+
+
+class Attention(nn.Module):
+    """Self- or cross-attention with diffusers' parameter names (to_q, to_k, to_v, to_out.0)."""
+
+    def __init__(self, query_dim: int, context_dim: int | None, heads: int, *, attention: AttentionFunction,
+                 operations: Operations = nn, device: Any = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        context_dim = context_dim or query_dim
+        self.heads = heads
+        self.attention = attention
+        self.to_q = operations.Linear(query_dim, query_dim, bias=False, device=device, dtype=dtype)
+        self.to_k = operations.Linear(context_dim, query_dim, bias=False, device=device, dtype=dtype)
+        self.to_v = operations.Linear(context_dim, query_dim, bias=False, device=device, dtype=dtype)
+        self.to_out = nn.ModuleList([operations.Linear(query_dim, query_dim, device=device, dtype=dtype)])
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        out = self.attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
+        return self.to_out[0](out)
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim: int, inner: int, *, operations: Operations = nn, device: Any = None,
+                 dtype: torch.dtype | None = None):
+        super().__init__()
+        self.proj = operations.Linear(dim, inner * 2, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden, gate = self.proj(x).chunk(2, dim=-1)
+        return hidden * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, *, operations: Operations = nn, device: Any = None,
+                 dtype: torch.dtype | None = None):
+        super().__init__()
+        # Index 1 is diffusers' dropout (p = 0 in XPSR); it is kept so the keys read net.0 / net.2.
+        self.net = nn.ModuleList([
+            GEGLU(dim, dim * 4, operations=operations, device=device, dtype=dtype),
+            nn.Identity(),
+            operations.Linear(dim * 4, dim, device=device, dtype=dtype),
+        ])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class BasicTransformerBlock(nn.Module):
+    def __init__(self, dim: int, context_dim: int, heads: int, *, attention: AttentionFunction,
+                 operations: Operations = nn, device: Any = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        kw = dict(operations=operations, device=device, dtype=dtype)
+        self.norm1 = operations.LayerNorm(dim, device=device, dtype=dtype)
+        self.attn1 = Attention(dim, None, heads, attention=attention, **kw)
+        self.norm2 = operations.LayerNorm(dim, device=device, dtype=dtype)
+        self.attn2 = Attention(dim, context_dim, heads, attention=attention, **kw)
+        self.norm3 = operations.LayerNorm(dim, device=device, dtype=dtype)
+        self.ff = FeedForward(dim, **kw)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = self.attn1(self.norm1(x)) + x
+        x = self.attn2(self.norm2(x), context) + x
+        return self.ff(self.norm3(x)) + x
+
+
+class Transformer2D(nn.Module):
+    """diffusers' ``Transformer2DModel`` (continuous input, 1x1-conv projections)."""
+
+    def __init__(self, channels: int, context_dim: int, heads: int, *, depth: int = 1, groups: int = 32,
+                 attention: AttentionFunction = sdpa_attention, operations: Operations = nn, device: Any = None,
+                 dtype: torch.dtype | None = None):
+        super().__init__()
+        kw = dict(operations=operations, device=device, dtype=dtype)
+        self.norm = operations.GroupNorm(groups, channels, eps=1e-6, device=device, dtype=dtype)
+        self.proj_in = operations.Conv2d(channels, channels, 1, device=device, dtype=dtype)
+        self.transformer_blocks = nn.ModuleList([
+            BasicTransformerBlock(channels, context_dim, heads, attention=attention, **kw) for _ in range(depth)
+        ])
+        self.proj_out = operations.Conv2d(channels, channels, 1, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        hidden = self.proj_in(self.norm(x))
+        hidden = hidden.permute(0, 2, 3, 1).reshape(b, h * w, c)
+        for block in self.transformer_blocks:
+            hidden = block(hidden, context)
+        hidden = hidden.reshape(b, h, w, c).permute(0, 3, 1, 2)
+        return self.proj_out(hidden) + x
+
+
+def tokens(feature: torch.Tensor) -> torch.Tensor:
+    """A (B, C, H, W) feature map as (B, H*W, C) context tokens."""
+    return feature.flatten(2).transpose(1, 2)
+
