@@ -1,0 +1,20 @@
+"""ComfyUI nodes of the XPSR pack: thin adapters over xpsr_core, listed by the pack's comfy_entrypoint."""
+
+from __future__ import annotations
+
+from typing_extensions import override
+
+from comfy_api.latest import ComfyExtension, io
+
+from .apply import XPSRApply
+from .loader import XPSRLoader
+from .prompt_encode import XPSRDualPromptEncode
+from .sampler import XPSRSampler
+
+NODES: list[type[io.ComfyNode]] = [XPSRLoader, XPSRDualPromptEncode, XPSRApply, XPSRSampler]
+
+
+class XPSRExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES

@@ -1,0 +1,108 @@
+"""Where XPSR files live (``models/xpsr``) and how they become ComfyUI-managed models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+import comfy.model_management
+import comfy.model_patcher
+import comfy.ops
+import comfy.supported_models
+import folder_paths
+from comfy.ldm.modules.attention import optimized_attention
+
+from ..xpsr_core.checkpoint import build_models, load_checkpoint
+from ..xpsr_core.config import UNetConfig
+from ..xpsr_core.errors import CheckpointError
+from .control import ControlModel, XPSRControlNet
+
+FOLDER = "xpsr"
+WEIGHT_DTYPES = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def register_folder() -> None:
+    """Register ``models/xpsr`` (and any ``xpsr:`` entry of extra_model_paths.yaml) for .safetensors files."""
+    paths, extensions = folder_paths.folder_names_and_paths.get(
+        FOLDER, ([os.path.join(folder_paths.models_dir, FOLDER)], set()))
+    folder_paths.folder_names_and_paths[FOLDER] = (paths, set(extensions) | {".safetensors"})
+
+
+register_folder()
+
+
+def _official_folders(base: Path, depth: int = 3) -> list[str]:
+    found = []
+    for root, dirs, _ in os.walk(base):
+        rel = Path(root).relative_to(base)
+        if len(rel.parts) >= depth:
+            dirs.clear()
+        if {"controlnet", "unet"} <= set(dirs) and rel.parts:
+            found.append(rel.as_posix())
+    return found
+
+
+def list_models() -> list[str]:
+    """Single files and official checkpoint folders under the xpsr model folders."""
+    folders = [f for base in folder_paths.get_folder_paths(FOLDER) if os.path.isdir(base)
+               for f in _official_folders(Path(base))]
+    return sorted(set(folder_paths.get_filename_list(FOLDER)) | set(folders))
+
+
+def resolve(name: str) -> Path:
+    for base in folder_paths.get_folder_paths(FOLDER):
+        path = Path(base) / name
+        if path.exists():
+            return path
+    raise ValueError(f"XPSR model '{name}' not found in {folder_paths.get_folder_paths(FOLDER)}; put the single file "
+                     "from `python -m xpsr_core.convert` (or an official checkpoint folder) there")
+
+
+def check_base_model(model: comfy.model_patcher.ModelPatcher, unet: UNetConfig, source: str) -> None:
+    """Refuse a MODEL that is not the SD1.5 UNet the XPSR weights were trained on, before any work."""
+    config = model.model.model_config
+    if not isinstance(config, comfy.supported_models.SD15):
+        raise ValueError(f"XPSR needs a Stable Diffusion 1.5 MODEL; the MODEL given is {type(config).__name__}. "
+                         "Load an SD1.5 checkpoint (e.g. v1-5-pruned-emaonly) with Load Checkpoint")
+    found = config.unet_config
+    base = unet.block_out_channels[0]
+    expected = {
+        "in_channels": unet.in_channels,
+        "model_channels": base,
+        "channel_mult": [c // base for c in unet.block_out_channels],
+        "num_res_blocks": [unet.layers_per_block] * len(unet.block_out_channels),
+        "context_dim": unet.cross_attention_dim,
+    }
+    for key, value in expected.items():
+        got = list(found.get(key)) if isinstance(found.get(key), (list, tuple)) else found.get(key)
+        if got != value:
+            raise ValueError(f"XPSR: the MODEL's UNet has {key} = {got}, but {source} was trained for {key} = {value}")
+
+
+def _weight_dtype(choice: str, model: comfy.model_patcher.ModelPatcher) -> torch.dtype:
+    if choice not in WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype is {choice!r}; expected one of {list(WEIGHT_DTYPES)}")
+    return WEIGHT_DTYPES[choice] or model.model_dtype()
+
+
+def load_xpsr(path: Path, model: comfy.model_patcher.ModelPatcher,
+              weight_dtype: str) -> tuple[XPSRControlNet, comfy.model_patcher.ModelPatcher]:
+    """The ControlNet and the conditional attention, built with ComfyUI's ops on its offload device."""
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as e:
+        raise ValueError(str(e)) from e
+    check_base_model(model, ckpt.unet_config, path.name)
+    dtype = _weight_dtype(weight_dtype, model)
+    load_device = comfy.model_management.get_torch_device()
+    offload_device = comfy.model_management.unet_offload_device()
+    manual_cast = comfy.model_management.unet_manual_cast(dtype, load_device)
+    operations = comfy.ops.pick_operations(dtype, manual_cast, load_device=load_device)
+    controlnet, attention = build_models(ckpt, attention=optimized_attention, operations=operations,
+                                         device=offload_device, dtype=dtype)
+    control = XPSRControlNet(ControlModel(controlnet, dtype), load_device=load_device, manual_cast_dtype=manual_cast)
+    attention_patcher = comfy.model_patcher.ModelPatcher(attention, load_device=load_device,
+                                                         offload_device=offload_device)
+    return control, attention_patcher

@@ -1,0 +1,97 @@
+"""XPSR Dual Prompt Encode: c_h and c_l with SD1.5's CLIP, as standard CONDITIONING.
+
+The low-level embedding rides in each conditioning entry's ``model_conds``, so ComfyUI
+batches it per CFG branch and the usual conditioning nodes can sit in between.
+"""
+
+from __future__ import annotations
+
+import comfy.conds
+import comfy.sd1_clip
+from comfy_api.latest import io
+
+from ..xpsr_core.prompts import ADDED_PROMPT, LOWLEVEL_CFG_MODES, NEGATIVE_HIGH, NEGATIVE_LOW, high_level_prompt
+from .common import CATEGORY
+from .control import LOWLEVEL_KEY
+
+TOKEN_MODES = ("official", "comfy")
+
+
+def official_tokens(clip, text: str) -> dict:
+    """Plain 77-token truncation without weight syntax, as the released pipeline tokenised prompts."""
+    tokenizer = clip.tokenizer
+    if not isinstance(tokenizer, comfy.sd1_clip.SD1Tokenizer) or tokenizer.clip_name != "l":
+        raise ValueError(f"XPSR needs Stable Diffusion 1.5's CLIP (CLIP-L); the CLIP given uses "
+                         f"{type(tokenizer).__name__}")
+    clip_l = getattr(tokenizer, tokenizer.clip)
+    ids = clip_l.tokenizer(text, add_special_tokens=False)["input_ids"][: clip_l.max_length - 2]
+    row = [clip_l.start_token, *ids, clip_l.end_token]
+    row += [clip_l.pad_token] * (clip_l.max_length - len(row))
+    return {tokenizer.clip_name: [[(t, 1.0) for t in row]]}
+
+
+def encode(clip, text: str, token_mode: str) -> list:
+    tokens = official_tokens(clip, text) if token_mode == "official" else clip.tokenize(text)
+    return clip.encode_from_tokens_scheduled(tokens)
+
+
+def with_lowlevel(conditioning: list, lowlevel: list) -> list:
+    """``conditioning`` with the low-level embedding added to every entry's model_conds."""
+    c_l = lowlevel[0][0]
+    out = []
+    for cond, extra in conditioning:
+        model_conds = {**extra.get("model_conds", {}), LOWLEVEL_KEY: comfy.conds.CONDCrossAttn(c_l)}
+        out.append([cond, {**extra, "model_conds": model_conds}])
+    return out
+
+
+class XPSRDualPromptEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="XPSRDualPromptEncode",
+            display_name="XPSR Dual Prompt Encode",
+            category=CATEGORY,
+            description="Encodes XPSR's two prompts with SD1.5's CLIP: the high-level one (what the image shows) and "
+                        "the low-level one (its quality). Gives standard CONDITIONING that carries both.",
+            inputs=[
+                io.Clip.Input("clip", tooltip="SD1.5's CLIP, from the same Load Checkpoint as the MODEL."),
+                io.String.Input("high_level", multiline=True, default="",
+                                tooltip="What the image shows (an MLLM caption, or typed)."),
+                io.String.Input("low_level", multiline=True, default="",
+                                tooltip="The image's quality: blur, noise, colour, lighting (an MLLM caption, or "
+                                        "typed)."),
+                io.String.Input("added_prompt", multiline=True, default=ADDED_PROMPT,
+                                tooltip="Appended to the high-level prompt (official default)."),
+                io.String.Input("negative_high", multiline=True, default=NEGATIVE_HIGH,
+                                tooltip="Negative prompt replacing the high-level prompt in the CFG negative branch "
+                                        "(official default)."),
+                io.String.Input("negative_low", multiline=True, default=NEGATIVE_LOW,
+                                tooltip="Replaces the low-level prompt in the negative branch when lowlevel_cfg is "
+                                        "official (official default)."),
+                io.Combo.Input("token_mode", options=list(TOKEN_MODES), default="official",
+                               tooltip="official: plain 77-token truncation, no weight syntax, as the released "
+                                       "pipeline (long captions lose their tail). comfy: ComfyUI's chunking and "
+                                       "(word:1.2) weights."),
+                io.Combo.Input("lowlevel_cfg", options=list(LOWLEVEL_CFG_MODES), default="official",
+                               tooltip="official: the negative branch gets negative_low, as the released pipeline. "
+                                       "paper: the low-level prompt is kept in both branches (Eq. 6)."),
+            ],
+            outputs=[
+                io.Conditioning.Output(display_name="positive"),
+                io.Conditioning.Output(display_name="negative"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, clip, high_level: str, low_level: str, added_prompt: str, negative_high: str, negative_low: str,
+                token_mode: str, lowlevel_cfg: str) -> io.NodeOutput:
+        if token_mode not in TOKEN_MODES:
+            raise ValueError(f"token_mode is {token_mode!r}; expected one of {TOKEN_MODES}")
+        if lowlevel_cfg not in LOWLEVEL_CFG_MODES:
+            raise ValueError(f"lowlevel_cfg is {lowlevel_cfg!r}; expected one of {LOWLEVEL_CFG_MODES}")
+        low = encode(clip, low_level.strip(), token_mode)
+        negative_lowlevel = encode(clip, negative_low, token_mode) if lowlevel_cfg == "official" else low
+        positive = with_lowlevel(encode(clip, high_level_prompt(high_level, added_prompt), token_mode), low)
+        negative = with_lowlevel(encode(clip, negative_high, token_mode), negative_lowlevel)
+        return io.NodeOutput(positive, negative)

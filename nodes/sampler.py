@@ -1,0 +1,122 @@
+"""XPSR Sampler: LR image in, restored image of exactly LR size x scale out, with ComfyUI's samplers."""
+
+from __future__ import annotations
+
+import torch
+
+import comfy.patcher_extension
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+from comfy_api.latest import io
+
+from ..xpsr_core.color import METHODS as COLOR_FIXES
+from ..xpsr_core.color import color_fix as apply_color_fix
+from ..xpsr_core.image import resize, to_rgb, upscale_for_processing
+from .apply import attach_control
+from .common import CATEGORY, XPSRControlNetType
+from .sampling import (OFFICIAL_SCHEDULER, SCHEDULERS, STARTS, VAE_TILING, Progress, sampling_sigmas, start_latent,
+                       vae_decode, vae_encode)
+from .tiled_sampling import TiledCondBatch
+
+TILES_KEY = "xpsr_latent_tiles"
+
+
+def check_image(image: torch.Tensor) -> torch.Tensor:
+    """The LR image as (B, 3, H, W) float, refusing what cannot be restored."""
+    rgb = to_rgb(image)
+    if not torch.isfinite(rgb).all():
+        raise ValueError("image contains NaN or Inf values; expected finite pixel values in [0, 1]")
+    return rgb.movedim(-1, 1).float()
+
+
+class XPSRSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="XPSRSampler",
+            display_name="XPSR Sampler",
+            category=CATEGORY,
+            description="Restores and upscales an LR image with XPSR: official resize rules, VAE encode, sampling "
+                        "with ComfyUI's samplers (large images in overlapping latent tiles), VAE decode, colour fix, "
+                        "and a result of exactly LR size x scale. Defaults reproduce the official test script.",
+            inputs=[
+                io.Model.Input("model", tooltip="The MODEL from XPSR Loader."),
+                XPSRControlNetType.Input("xpsr_controlnet", tooltip="From XPSR Loader."),
+                io.Conditioning.Input("positive", tooltip="From XPSR Dual Prompt Encode."),
+                io.Conditioning.Input("negative", tooltip="From XPSR Dual Prompt Encode."),
+                io.Image.Input("image", tooltip="The low-resolution image (batches, any size; alpha is dropped, "
+                                                "grayscale expanded)."),
+                io.Vae.Input("vae", tooltip="SD1.5's VAE."),
+                io.Float.Input("scale", default=4.0, min=1.0, max=16.0, step=0.5,
+                               tooltip="Output size = LR size x scale (official 4)."),
+                io.Int.Input("process_size", default=512, min=64, max=4096, step=8,
+                             tooltip="The upscaled image's short side is raised to at least this before diffusion "
+                                     "(official 512); the result is resized back to LR size x scale."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seed of the start noise and of stochastic samplers."),
+                io.Int.Input("steps", default=20, min=1, max=1000, tooltip="Sampling steps (official 20, paper 50)."),
+                io.Float.Input("cfg", default=4.5, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance, u + cfg (c - u) (official 4.5)."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="ddpm",
+                               tooltip="ComfyUI's samplers; ddpm with the xpsr_official scheduler is the official "
+                                       "DDPM sampling."),
+                io.Combo.Input("scheduler", options=SCHEDULERS, default=OFFICIAL_SCHEDULER,
+                               tooltip="xpsr_official: the released DDPM schedule (leading spacing, 951...1 for 20 "
+                                       "steps); or ComfyUI's schedulers."),
+                io.Combo.Input("start", options=list(STARTS), default="official",
+                               tooltip="official: LR latent noised at the first timestep and again at level 800 "
+                                       "(released pipeline). noise: pure noise. img2img: ComfyUI's LR latent + noise "
+                                       "with denoise, as KSampler does."),
+                io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01,
+                               tooltip="img2img start only: the part of the schedule that is run."),
+                io.Float.Input("control_strength", default=1.0, min=0.0, max=10.0, step=0.01,
+                               tooltip="ControlNet conditioning scale (official 1.0)."),
+                io.Int.Input("tile_size", default=320, min=8, max=4096, step=8,
+                             tooltip="Latents with more than tile_size^2 pixels are denoised in overlapping square "
+                                     "tiles of this many latent pixels (official 320, i.e. 2560 px)."),
+                io.Int.Input("tile_overlap", default=8, min=0, max=512, step=1,
+                             tooltip="Overlap of the latent tiles (official 8), blended with Gaussian weights."),
+                io.Combo.Input("vae_tiling", options=list(VAE_TILING), default="auto",
+                               tooltip="ComfyUI's tiled VAE encode/decode; auto tiles where the official pipeline "
+                                       "does (images above 1088 px to encode, above ~1968 px to decode)."),
+                io.Combo.Input("color_fix", options=list(COLOR_FIXES), default="adain",
+                               tooltip="Restore the LR image's colours: adain (official), wavelet, or none."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="image", tooltip="LR size x scale."),
+                io.Latent.Output(display_name="latent", tooltip="The sampled latent at the processing size."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, xpsr_controlnet, positive, negative, image, vae, scale: float, process_size: int,
+                seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str, start: str, denoise: float,
+                control_strength: float, tile_size: int, tile_overlap: int, vae_tiling: str,
+                color_fix: str) -> io.NodeOutput:
+        if tile_overlap >= tile_size:
+            raise ValueError(f"tile_overlap is {tile_overlap}; expected less than tile_size ({tile_size})")
+        lr = check_image(image)
+        upscaled = upscale_for_processing(lr, scale, process_size)
+        lr_latent = vae_encode(vae, upscaled.movedim(1, -1), vae_tiling)
+        positive, negative = attach_control(positive, negative, xpsr_controlnet, upscaled.movedim(1, -1),
+                                            control_strength)
+
+        sampling_model = model.clone()
+        tiler = TiledCondBatch(tile_size, tile_overlap)
+        progress = Progress(sampling_model, steps, tiler.tile_count(*lr_latent.shape[-2:]))
+        tiler.on_tile = progress.tile
+        sampling_model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, TILES_KEY, tiler)
+
+        lr_latent = comfy.sample.fix_empty_latent_channels(sampling_model, lr_latent)
+        sigmas = sampling_sigmas(sampling_model, sampler_name, scheduler, steps,
+                                 denoise if start == "img2img" else 1.0)
+        latent_image, noise = start_latent(sampling_model, lr_latent, sigmas, start, seed)
+        samples = comfy.sample.sample_custom(
+            sampling_model, noise, cfg, comfy.samplers.sampler_object(sampler_name), sigmas, positive, negative,
+            latent_image, callback=progress.step, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+
+        restored = vae_decode(vae, samples, vae_tiling).movedim(-1, 1).float()
+        restored = apply_color_fix(restored, upscaled.to(restored.device), color_fix)
+        out = resize(restored, int(lr.shape[-2] * scale), int(lr.shape[-1] * scale))
+        return io.NodeOutput(out.movedim(1, -1), {"samples": samples})

@@ -1,0 +1,226 @@
+"""ComfyUI as a test host: imported from COMFYUI_PATH, CPU only, with tiny models and the pack loaded as ComfyUI loads it.
+
+Tests that import this module are skipped, with the reason, when COMFYUI_PATH is unset.
+The tiny MODEL is ComfyUI's own SD1.5 UNet class, shaped and weighted like the parity
+fixture's UNet (its stock tensors converted with ComfyUI's key map); CLIP and VAE are
+ComfyUI's classes with random weights. The pack's ``models/xpsr`` folder points at a
+temporary folder holding the fixture converted to the pack's single file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import tempfile
+import textwrap
+import uuid
+from pathlib import Path
+
+import pytest
+
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+if not COMFYUI_PATH:
+    pytest.skip("COMFYUI_PATH is not set: these tests need a ComfyUI checkout (see README, 'Running the tests')",
+                allow_module_level=True)
+sys.path.insert(0, COMFYUI_PATH)
+
+from comfy.cli_args import args  # noqa: E402
+
+args.cpu = True
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+import comfy.model_management as mm  # noqa: E402
+import comfy.model_patcher  # noqa: E402
+import comfy.sd  # noqa: E402
+import comfy.sd1_clip  # noqa: E402
+import comfy.supported_models  # noqa: E402
+import comfy.supported_models_base  # noqa: E402
+import comfy.utils  # noqa: E402
+import execution  # noqa: E402
+import folder_paths  # noqa: E402
+import nodes  # noqa: E402
+from comfy.ldm.models.autoencoder import AutoencoderKL  # noqa: E402
+
+from parity import parity_fixture  # noqa: E402
+from xpsr_core.checkpoint import convert_official, load_official  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+WORK = Path(tempfile.mkdtemp(prefix="xpsr_host_"))
+XPSR_FILE = "xpsr_tiny.safetensors"
+
+
+def _random_init(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """ComfyUI's ops leave weights uninitialised; give them small random values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif p.ndim == 1:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return module
+
+
+def comfy_unet_config(diffusers_config) -> dict:
+    """ComfyUI's SD15 unet_config for a diffusers-layout SD UNet config (the fixture's)."""
+    base = diffusers_config.block_out_channels[0]
+    layers = diffusers_config.layers_per_block
+    n = len(diffusers_config.block_out_channels)
+    return {
+        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+        "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": base,
+        "num_res_blocks": [layers] * n, "channel_mult": [c // base for c in diffusers_config.block_out_channels],
+        "transformer_depth": [1] * layers * (n - 1) + [0] * layers, "transformer_depth_middle": 1,
+        "transformer_depth_output": [1] * (n - 1) * (layers + 1) + [0] * (layers + 1),
+        "use_linear_in_transformer": False, "context_dim": diffusers_config.cross_attention_dim,
+        "num_heads": diffusers_config.num_heads[0], "num_head_channels": -1,
+        "use_temporal_attention": False, "use_temporal_resblock": False,
+    }
+
+
+def make_model() -> comfy.model_patcher.ModelPatcher:
+    """ComfyUI's SD1.5 MODEL with the fixture UNet's stock weights."""
+    fixture = parity_fixture()
+    unet_config = comfy_unet_config(load_official(fixture.checkpoint).unet_config)
+    config = comfy.supported_models.SD15(unet_config)
+    config.unet_config["num_heads"] = unet_config["num_heads"]  # SD15 forces 8 heads in its constructor
+    config.set_inference_dtype(torch.float32, None)
+    base = config.get_model({}, device=mm.unet_offload_device())
+    weights = load_file(fixture.checkpoint / "unet" / "diffusion_pytorch_model.safetensors")
+    key_map = comfy.utils.unet_to_diffusers(config.unet_config)
+    state = {comfy_key: weights[diffusers_key] for diffusers_key, comfy_key in key_map.items() if diffusers_key in weights}
+    missing, unexpected = base.diffusion_model.load_state_dict(state, strict=False)
+    assert not missing and not unexpected, (missing, unexpected)
+    return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def make_clip(width: int = 32) -> comfy.sd.CLIP:
+    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
+    options = {"clip_l_model_config": {"hidden_size": width, "intermediate_size": 64, "num_attention_heads": 2,
+                                       "num_hidden_layers": 2, "projection_dim": width}}
+    clip = comfy.sd.CLIP(target, model_options=options)
+    _random_init(clip.cond_stage_model, seed=1)
+    return clip
+
+
+def make_vae() -> comfy.sd.VAE:
+    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
+                "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+    sd = _random_init(AutoencoderKL(ddconfig=ddconfig, embed_dim=4), seed=2).state_dict()
+    return comfy.sd.VAE(sd=sd, config={"params": {"ddconfig": ddconfig, "embed_dim": 4}})
+
+
+TEST_PACK = textwrap.dedent('''
+    from typing_extensions import override
+    from comfy_api.latest import ComfyExtension, io
+    import comfy_host
+
+    class XPSRTestTinySD15(io.ComfyNode):
+        @classmethod
+        def define_schema(cls):
+            return io.Schema(node_id="XPSRTestTinySD15", category="testing", inputs=[],
+                             outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()])
+
+        @classmethod
+        def execute(cls):
+            return io.NodeOutput(comfy_host.make_model(), comfy_host.make_clip(), comfy_host.make_vae())
+
+    class XPSRTestImage(io.ComfyNode):
+        @classmethod
+        def define_schema(cls):
+            return io.Schema(node_id="XPSRTestImage", category="testing",
+                             inputs=[io.Int.Input("height"), io.Int.Input("width"), io.Int.Input("channels", default=3),
+                                     io.Int.Input("batch", default=1), io.Int.Input("seed", default=0)],
+                             outputs=[io.Image.Output()])
+
+        @classmethod
+        def execute(cls, height, width, channels, batch, seed):
+            return io.NodeOutput(comfy_host.test_image(height, width, channels, batch, seed))
+
+    class _Ext(ComfyExtension):
+        @override
+        async def get_node_list(self):
+            return [XPSRTestTinySD15, XPSRTestImage]
+
+    async def comfy_entrypoint():
+        return _Ext()
+''')
+
+
+def test_image(height: int, width: int, channels: int = 3, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    """A smooth random IMAGE (B, H, W, C) in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    small = torch.rand(batch, channels, max(2, height // 4), max(2, width // 4), generator=g)
+    return torch.nn.functional.interpolate(small, size=(height, width), mode="bilinear").movedim(1, -1)
+
+
+class DummyServer:
+    """What PromptExecutor and the progress hooks touch on ComfyUI's server."""
+
+    def __init__(self):
+        self.client_id = None
+        self.last_node_id = None
+        self.last_prompt_id = None
+        self.sockets_metadata = {}
+        self.messages: list[tuple[str, dict]] = []
+
+    def send_sync(self, event, data, sid=None):
+        self.messages.append((event, data))
+
+    def queue_updated(self):
+        pass
+
+
+_loaded = False
+
+
+def setup_host() -> None:
+    """Load the pack and the test nodes once, the way ComfyUI loads custom nodes."""
+    global _loaded
+    if _loaded:
+        return
+    models = WORK / "models_xpsr"
+    models.mkdir()
+    convert_official(parity_fixture().checkpoint, models / XPSR_FILE)
+    out = WORK / "output"
+    out.mkdir()
+    folder_paths.set_output_directory(str(out))
+    folder_paths.set_temp_directory(str(out))
+    folder_paths.folder_names_and_paths["xpsr"] = ([str(models)], {".safetensors"})
+    test_pack = WORK / "xpsr_test_nodes"
+    test_pack.mkdir()
+    (test_pack / "__init__.py").write_text(TEST_PACK)
+    sys.modules.setdefault("comfy_host", sys.modules[__name__])
+    for pack in (REPO, test_pack):
+        assert asyncio.run(nodes.load_custom_node(str(pack), ignore=set(nodes.NODE_CLASS_MAPPINGS))), pack
+    _loaded = True
+
+
+def pack_module(name: str):
+    """A module of the pack as ComfyUI imported it (e.g. 'nodes.control')."""
+    return sys.modules[f"{str(REPO).replace('.', '_x_')}.{name}"]
+
+
+def run(prompt: dict) -> tuple[execution.PromptExecutor, DummyServer]:
+    """Validate and execute an API-format prompt in a fresh executor."""
+    setup_host()
+    prompt_id = str(uuid.uuid4())
+    valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
+    assert valid[0], valid
+    server = DummyServer()
+    executor = execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC)
+    asyncio.run(executor.execute_async(prompt, prompt_id, extra_data={}, execute_outputs=valid[2]))
+    return executor, server
+
+
+def output(executor: execution.PromptExecutor, node_id: str, index: int = 0):
+    return executor.caches.outputs.get(node_id)[index][0]
+
+
+def error_message(executor: execution.PromptExecutor) -> str:
+    return next((str(data) for event, data in executor.status_messages if event == "execution_error"), "")

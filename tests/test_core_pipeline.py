@@ -1,0 +1,103 @@
+"""The official pipeline's pieces outside the models: schedule, start latent, sizes, tiles, colour fix, prompts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from xpsr_core.color import adain_color_fix, color_fix, wavelet_color_fix
+from xpsr_core.image import processing_steps, resize, to_rgb, upscale_for_processing
+from xpsr_core.prompts import high_level_prompt
+from xpsr_core.schedule import noise_to_level, official_start, official_timesteps
+from xpsr_core.tiling import gaussian_weights, needs_tiling, tile_boxes
+
+
+def test_official_timesteps_use_leading_spacing_with_offset_one():
+    assert official_timesteps(20) == list(range(951, 0, -50))
+    assert official_timesteps(50) == list(range(981, 0, -20))
+    assert official_timesteps(4) == [751, 501, 251, 1]
+
+
+def test_official_start_noises_twice_and_keeps_about_1_7_percent_of_the_lr_latent():
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    acp = torch.cumprod(1 - betas, 0)
+    lr = torch.randn(2, 4, 8, 8)
+    start = official_start(lr, float(acp[951]), float(acp[800]), torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    first, added = torch.randn(lr.shape, generator=g), torch.randn(lr.shape, generator=g)
+    expected = noise_to_level(noise_to_level(lr, first, float(acp[951])), added, float(acp[800]))
+    torch.testing.assert_close(start, expected)
+    assert float((acp[951] * acp[800]).sqrt()) == pytest.approx(0.0173, abs=5e-4)
+
+
+def test_processing_sizes_follow_the_official_resizes():
+    assert processing_steps(37, 53, 4, 512) == [(148, 212, "bicubic"), (512, 733, "bilinear"), (512, 728, "bicubic")]
+    assert processing_steps(128, 128, 4, 512) == [(512, 512, "bicubic"), (512, 512, "bicubic")]
+    assert processing_steps(300, 130, 4, 512) == [(1200, 520, "bicubic"), (1200, 520, "bicubic")]
+    out = upscale_for_processing(torch.rand(1, 3, 37, 53), 4, 512)
+    assert out.shape == (1, 3, 512, 728)
+
+
+@pytest.mark.parametrize("size", [(148, 212), (20, 30)], ids=["up", "down"])
+def test_bicubic_resize_matches_pil(size):
+    rng = np.random.default_rng(0)
+    image = rng.random((37, 53), dtype=np.float32)
+    reference = np.asarray(Image.fromarray(image, mode="F").resize(size[::-1], Image.BICUBIC))
+    ours = resize(torch.from_numpy(image)[None, None], *size)[0, 0].numpy()
+    inside = (reference >= 0) & (reference <= 1)
+    assert np.abs(ours - reference)[inside].max() < 2e-3
+
+
+def test_to_rgb_drops_alpha_and_expands_gray():
+    assert to_rgb(torch.rand(2, 5, 6, 4)).shape == (2, 5, 6, 3)
+    gray = torch.rand(1, 5, 6, 1)
+    assert torch.equal(to_rgb(gray)[..., 2], gray[..., 0])
+    with pytest.raises(ValueError, match="image has 5 channels; expected 1"):
+        to_rgb(torch.rand(1, 5, 6, 5))
+
+
+def test_tiles_cover_the_latent_with_the_official_grid():
+    boxes = tile_boxes(100, 70, 32, 8)
+    assert {(b.y1 - b.y0, b.x1 - b.x0) for b in boxes} == {(32, 32)}
+    assert sorted({b.x0 for b in boxes}) == [0, 24, 38] and sorted({b.y0 for b in boxes}) == [0, 24, 48, 68]
+    covered = torch.zeros(100, 70)
+    for b in boxes:
+        covered[b.y0:b.y1, b.x0:b.x1] += 1
+    assert covered.min() >= 1
+    assert tile_boxes(20, 50, 32, 8)[0].y1 == 20  # tile shrinks to the short side
+    assert needs_tiling(321, 320, 320) and not needs_tiling(320, 320, 320)
+
+
+def test_gaussian_weights_keep_the_official_asymmetric_centre():
+    w = gaussian_weights(10)
+    row_peak, col_peak = w.sum(1).argmax().item(), w.sum(0).argmax().item()
+    assert row_peak == 5  # centre T/2 down
+    assert torch.allclose(w[:, 4], w[:, 5])  # centre (T-1)/2 across
+    assert torch.allclose(w[4], w[6]) and not torch.allclose(w[4], w[5])
+
+
+def test_adain_gives_the_reference_channel_statistics():
+    image, reference = torch.rand(1, 3, 32, 32) * 0.5, torch.rand(1, 3, 32, 32) * 0.2 + 0.4
+    fixed = adain_color_fix(image, reference)
+    torch.testing.assert_close(fixed.mean((2, 3)), reference.mean((2, 3)), atol=1e-3, rtol=0)
+    torch.testing.assert_close(fixed.std((2, 3)), reference.std((2, 3)), atol=1e-3, rtol=0)
+
+
+def test_wavelet_keeps_detail_and_takes_the_reference_colour():
+    detail = torch.rand(1, 3, 64, 64) * 0.1
+    shifted = (detail + torch.tensor([0.6, 0.2, 0.3])[None, :, None, None]).clamp(0, 1)
+    reference = torch.full((1, 3, 64, 64), 0.45)
+    fixed = wavelet_color_fix(shifted, reference)
+    assert (fixed.mean((2, 3)) - 0.45).abs().max() < 0.01
+    kept = torch.corrcoef(torch.stack([fixed.flatten(), detail.flatten()]))[0, 1]
+    assert kept > 0.5
+    assert torch.equal(color_fix(shifted, reference, "none"), shifted)
+    with pytest.raises(ValueError, match="colour fix is 'lab'"):
+        color_fix(shifted, reference, "lab")
+
+
+def test_high_level_prompt_appends_the_added_prompt():
+    assert high_level_prompt(" a cat on a mat\n", "clean, 8k.") == "a cat on a mat clean, 8k."
+    assert high_level_prompt("", "clean") == "clean"

@@ -1,0 +1,169 @@
+"""Whole graphs in ComfyUI's executor: sizes, tiling, model management, chaining with KSampler, interrupts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import comfy_host as H  # skips this module without COMFYUI_PATH
+import comfy.model_management as mm
+import comfy.utils
+
+
+def graph(height: int = 37, width: int = 53, channels: int = 3, batch: int = 1, **sampler) -> dict:
+    """Tiny SD1.5 -> XPSR Loader -> Dual Prompt Encode -> XPSR Sampler on a generated LR image."""
+    settings = {"scale": 4.0, "process_size": 64, "seed": 0, "steps": 3, "cfg": 4.5, "sampler_name": "ddpm",
+                "scheduler": "xpsr_official", "start": "official", "denoise": 1.0, "control_strength": 1.0,
+                "tile_size": 320, "tile_overlap": 8, "vae_tiling": "auto", "color_fix": "adain"} | sampler
+    return {
+        "1": {"class_type": "XPSRTestTinySD15", "inputs": {}},
+        "2": {"class_type": "XPSRLoader", "inputs": {"model": ["1", 0], "xpsr_model": H.XPSR_FILE,
+                                                      "weight_dtype": "auto"}},
+        "3": {"class_type": "XPSRDualPromptEncode", "inputs": {
+            "clip": ["1", 1], "high_level": "a (red) brick wall", "low_level": "blurry and noisy",
+            "added_prompt": "clean, high-resolution", "negative_high": "blurry", "negative_low": "high resolution",
+            "token_mode": "official", "lowlevel_cfg": "official"}},
+        "4": {"class_type": "XPSRTestImage", "inputs": {"height": height, "width": width, "channels": channels,
+                                                         "batch": batch, "seed": 0}},
+        "5": {"class_type": "XPSRSampler", "inputs": {
+            "model": ["2", 0], "xpsr_controlnet": ["2", 1], "positive": ["3", 0], "negative": ["3", 1],
+            "image": ["4", 0], "vae": ["1", 2], **settings}},
+        "6": {"class_type": "PreviewImage", "inputs": {"images": ["5", 0]}},
+    }
+
+
+def run_ok(prompt: dict):
+    executor, server = H.run(prompt)
+    assert executor.success, H.error_message(executor)
+    return executor, server
+
+
+@pytest.mark.parametrize("tile_size", [320, 8], ids=["whole", "tiled"])
+def test_graph_upscales_37x53_to_exactly_148x212(tile_size: int):
+    executor, _ = run_ok(graph(tile_size=tile_size, tile_overlap=2))
+    image = H.output(executor, "5")
+    assert image.shape == (1, 148, 212, 3)
+    assert torch.isfinite(image).all() and 0 <= image.min() and image.max() <= 1
+    latent = H.output(executor, "5", 1)["samples"]
+    assert latent.shape == (1, 4, 18, 26) and torch.isfinite(latent).all()
+
+
+def test_tiling_changes_the_computation_but_not_the_shape():
+    whole = H.output(run_ok(graph(tile_size=320))[0], "5", 1)["samples"]
+    tiled = H.output(run_ok(graph(tile_size=8, tile_overlap=2))[0], "5", 1)["samples"]
+    assert whole.shape == tiled.shape
+    assert not torch.allclose(whole, tiled)
+
+
+@pytest.mark.parametrize("channels", [1, 2, 4], ids=["gray", "gray_alpha", "rgba"])
+def test_any_channel_layout_gives_rgb(channels: int):
+    image = H.output(run_ok(graph(height=16, width=24, channels=channels, scale=2.0))[0], "5")
+    assert image.shape == (1, 32, 48, 3)
+
+
+def test_image_batch_keeps_every_image():
+    image = H.output(run_ok(graph(height=16, width=20, batch=3, scale=2.0))[0], "5")
+    assert image.shape == (3, 32, 40, 3)
+    assert not torch.allclose(image[0], image[1])
+
+
+@pytest.mark.parametrize("start", ["official", "noise", "img2img"])
+def test_every_start_and_a_comfy_scheduler_run(start: str):
+    image = H.output(run_ok(graph(start=start, denoise=0.5, sampler_name="euler", scheduler="karras"))[0], "5")
+    assert image.shape == (1, 148, 212, 3) and torch.isfinite(image).all()
+
+
+def test_official_schedule_is_951_to_1_for_20_steps():
+    sampling = H.pack_module("nodes.sampling")
+    model = H.make_model()
+    sigmas = sampling.sampling_sigmas(model, "ddpm", sampling.OFFICIAL_SCHEDULER, 20, 1.0)
+    ms = model.get_model_object("model_sampling")
+    timesteps = [int(ms.timestep(s)) for s in sigmas[:-1]]
+    assert timesteps == list(range(951, 0, -50)) and sigmas[-1] == 0
+
+
+def test_xpsr_weights_are_loaded_with_the_unet_while_sampling_and_offloaded_after():
+    control_module = H.pack_module("xpsr_core.controlnet").SFAControlNet
+    attention_module = H.pack_module("xpsr_core.conditional_attention").ConditionalAttention
+    seen: list[set[str]] = []
+
+    def loaded_kinds() -> set[str]:
+        kinds = set()
+        for loaded in mm.current_loaded_models:
+            model = loaded.model.model
+            if isinstance(model, attention_module):
+                kinds.add("conditional_attention")
+            elif any(isinstance(m, control_module) for m in model.modules()):
+                kinds.add("controlnet")
+            elif hasattr(model, "diffusion_model"):
+                kinds.add("unet")
+            devices = {p.device for p in model.parameters()}
+            assert devices == {loaded.device}, (type(model).__name__, devices)
+        return kinds
+
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: seen.append(loaded_kinds()))
+    try:
+        run_ok(graph(seed=11))
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    assert seen and all({"unet", "controlnet", "conditional_attention"} <= kinds for kinds in seen)
+    mm.unload_all_models()
+    assert not {"controlnet", "conditional_attention"} & loaded_kinds()
+
+
+def test_ksampler_fed_by_xpsr_apply_equals_xpsr_sampler():
+    settings = dict(seed=5, steps=3, cfg=4.5, sampler_name="euler", scheduler="normal", denoise=0.7)
+    prompt = graph(height=64, width=64, scale=1.0, process_size=64, start="img2img", color_fix="none", **settings)
+    prompt |= {
+        "7": {"class_type": "VAEEncode", "inputs": {"pixels": ["4", 0], "vae": ["1", 2]}},
+        "8": {"class_type": "XPSRApply", "inputs": {"positive": ["3", 0], "negative": ["3", 1],
+                                                     "xpsr_controlnet": ["2", 1], "image": ["4", 0], "strength": 1.0,
+                                                     "start_percent": 0.0, "end_percent": 1.0}},
+        "9": {"class_type": "KSampler", "inputs": {"model": ["2", 0], "positive": ["8", 0], "negative": ["8", 1],
+                                                    "latent_image": ["7", 0], **settings}},
+        "10": {"class_type": "SaveLatent", "inputs": {"samples": ["9", 0], "filename_prefix": "xpsr_chain"}},
+    }
+    executor, _ = run_ok(prompt)
+    chained = H.output(executor, "9")["samples"]
+    direct = H.output(executor, "5", 1)["samples"]
+    torch.testing.assert_close(chained, direct, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("tile_size", [320, 8], ids=["between_steps", "between_tiles"])
+def test_interrupt_stops_sampling_and_the_next_run_works(tile_size: int):
+    calls = []
+
+    def interrupt_on_first_progress(value, total, preview, node_id=None):
+        calls.append(value)
+        if len(calls) == 1:
+            mm.interrupt_current_processing(True)
+
+    comfy.utils.set_progress_bar_global_hook(interrupt_on_first_progress)
+    try:
+        executor, server = H.run(graph(seed=21, tile_size=tile_size, tile_overlap=2))
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    assert not executor.success
+    assert any(event == "execution_interrupted" for event, _ in server.messages)
+    assert len(calls) == 1
+    run_ok(graph(seed=22, tile_size=tile_size, tile_overlap=2))
+
+
+def test_non_sd15_model_is_refused_with_a_clear_error():
+    import comfy.supported_models
+
+    H.setup_host()
+    loader = H.pack_module("nodes.loader").XPSRLoader
+    model = H.make_model()
+    model.model.model_config = comfy.supported_models.SDXL(dict(model.model.model_config.unet_config))
+    with pytest.raises(ValueError, match="XPSR needs a Stable Diffusion 1.5 MODEL; the MODEL given is SDXL"):
+        loader.execute(model, H.XPSR_FILE, "auto")
+
+
+def test_bad_node_input_fails_the_prompt_and_the_server_keeps_serving():
+    prompt = graph()
+    prompt["2"]["inputs"]["xpsr_model"] = H.XPSR_FILE
+    prompt["4"]["inputs"]["channels"] = 5
+    executor, _ = H.run(prompt)
+    assert not executor.success and "image has 5 channels" in H.error_message(executor)
+    run_ok(graph(seed=31))

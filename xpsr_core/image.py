@@ -1,0 +1,54 @@
+"""Image sizes and resampling as the official pipeline does them.
+
+The official script works on PIL images: LR upscaled by the scale factor (bicubic), short
+side raised to the processing size when smaller (bilinear), then rounded down to a
+multiple of 8 (bicubic); the result is resized back to exactly LR size x scale at the
+end. PyTorch's antialiased bicubic and bilinear use PIL's kernels, so tensors follow the
+same path without a round trip through 8-bit images.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def to_rgb(image: torch.Tensor) -> torch.Tensor:
+    """An IMAGE batch (B, H, W, C) as 3 channels: alpha dropped, grayscale expanded."""
+    if image.ndim != 4:
+        raise ValueError(f"image has shape {tuple(image.shape)}; expected (batch, height, width, channels)")
+    channels = image.shape[-1]
+    if channels in (3, 4):
+        return image[..., :3]
+    if channels in (1, 2):
+        return image[..., :1].expand(-1, -1, -1, 3)
+    raise ValueError(f"image has {channels} channels; expected 1 (gray), 2 (gray + alpha), 3 (RGB) or 4 (RGBA)")
+
+
+def resize(image: torch.Tensor, height: int, width: int, mode: str = "bicubic") -> torch.Tensor:
+    """Resize (B, C, H, W) like PIL's BICUBIC / BILINEAR, clamped to [0, 1] as 8-bit PIL output is."""
+    if image.shape[-2:] == (height, width):
+        return image
+    out = F.interpolate(image.float(), size=(height, width), mode=mode, antialias=True, align_corners=False)
+    return out.clamp(0, 1).to(image.dtype)
+
+
+def processing_steps(height: int, width: int, scale: float, process_size: int) -> list[tuple[int, int, str]]:
+    """The official sequence of resizes from LR to the size the diffusion runs at."""
+    h, w = int(height * scale), int(width * scale)
+    steps = [(h, w, "bicubic")]
+    if min(h, w) < process_size:
+        if h <= w:
+            h, w = process_size, int(process_size * w / h)
+        else:
+            h, w = int(process_size * h / w), process_size
+        steps.append((h, w, "bilinear"))
+    steps.append((h // 8 * 8, w // 8 * 8, "bicubic"))
+    return steps
+
+
+def upscale_for_processing(lr: torch.Tensor, scale: float, process_size: int) -> torch.Tensor:
+    """LR (B, C, H, W) resized to the processing size by the official sequence."""
+    for h, w, mode in processing_steps(lr.shape[-2], lr.shape[-1], scale, process_size):
+        lr = resize(lr, h, w, mode)
+    return lr
