@@ -37,18 +37,21 @@ def _official_folders(base: Path, depth: int = 3) -> list[str]:
     found = []
     for root, dirs, _ in os.walk(base):
         rel = Path(root).relative_to(base)
-        if len(rel.parts) >= depth:
-            dirs.clear()
         if {"controlnet", "unet"} <= set(dirs) and rel.parts:
             found.append(rel.as_posix())
+            dirs.clear()
+        elif len(rel.parts) >= depth:
+            dirs.clear()
     return found
 
 
 def list_models() -> list[str]:
-    """Single files and official checkpoint folders under the xpsr model folders."""
+    """Single files and official checkpoint folders under the xpsr model folders (not the folders' own files)."""
     folders = [f for base in folder_paths.get_folder_paths(FOLDER) if os.path.isdir(base)
                for f in _official_folders(Path(base))]
-    return sorted(set(folder_paths.get_filename_list(FOLDER)) | set(folders))
+    files = [f for f in folder_paths.get_filename_list(FOLDER)
+             if not any(Path(f).as_posix().startswith(d + "/") for d in folders)]
+    return sorted(files + folders)
 
 
 def resolve(name: str) -> Path:

@@ -167,3 +167,59 @@ def test_bad_node_input_fails_the_prompt_and_the_server_keeps_serving():
     executor, _ = H.run(prompt)
     assert not executor.success and "image has 5 channels" in H.error_message(executor)
     run_ok(graph(seed=31))
+
+
+@pytest.mark.parametrize("weight_dtype", ["fp16", "bf16", "fp32"])
+def test_weight_dtypes_load_and_sample(weight_dtype: str):
+    prompt = graph(seed=41)
+    prompt["2"]["inputs"]["weight_dtype"] = weight_dtype
+    executor, _ = run_ok(prompt)
+    image = H.output(executor, "5")
+    assert image.shape == (1, 148, 212, 3) and torch.isfinite(image).all()
+    control = H.output(executor, "2", 1)
+    expected = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[weight_dtype]
+    assert {p.dtype for p in control.control_model.parameters()} == {expected}
+
+
+def test_official_checkpoint_folder_loads_through_the_node():
+    import shutil
+
+    from parity import parity_fixture
+
+    H.setup_host()
+    base = H.folder_paths.get_folder_paths("xpsr")[0]
+    target = f"{base}/runs/xpsr/checkpoint-1"
+    shutil.copytree(parity_fixture().checkpoint, target, dirs_exist_ok=True)
+    listed = H.pack_module("nodes.model_files").list_models()
+    assert "runs/xpsr/checkpoint-1" in listed and H.XPSR_FILE in listed
+    prompt = graph(seed=51)
+    prompt["2"]["inputs"]["xpsr_model"] = "runs/xpsr/checkpoint-1"
+    run_ok(prompt)
+
+
+def test_xpsr_controlnet_survives_copy():
+    H.setup_host()
+    loader = H.pack_module("nodes.loader").XPSRLoader
+    _, control = loader.execute(H.make_model(), H.XPSR_FILE, "auto").args
+    copy = control.copy()
+    assert type(copy) is type(control) and copy.control_model is control.control_model
+    assert copy.extra_conds == ["xpsr_lowlevel"] and copy.get_models() == control.get_models()
+
+
+def test_tiled_vae_and_wavelet_colour_fix_run():
+    image = H.output(run_ok(graph(seed=61, vae_tiling="on", color_fix="wavelet"))[0], "5")
+    assert image.shape == (1, 148, 212, 3) and torch.isfinite(image).all()
+
+
+def test_latent_previews_are_sent_with_progress(monkeypatch):
+    from comfy.cli_args import LatentPreviewMethod
+
+    monkeypatch.setattr(H.args, "preview_method", LatentPreviewMethod.Latent2RGB)
+    previews = []
+    comfy.utils.set_progress_bar_global_hook(
+        lambda value, total, preview, node_id=None: previews.append(preview))
+    try:
+        run_ok(graph(seed=71, steps=2))
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    assert len(previews) == 2 and all(p is not None for p in previews)
