@@ -6,6 +6,10 @@ batches it per CFG branch and the usual conditioning nodes can sit in between.
 
 from __future__ import annotations
 
+import math
+
+import torch
+
 import comfy.conds
 import comfy.sd1_clip
 from comfy_api.latest import io
@@ -30,9 +34,28 @@ def official_tokens(clip, text: str) -> dict:
     return {tokenizer.clip_name: [[(t, 1.0) for t in row]]}
 
 
-def encode(clip, text: str, token_mode: str) -> list:
-    tokens = official_tokens(clip, text) if token_mode == "official" else clip.tokenize(text)
-    return clip.encode_from_tokens_scheduled(tokens)
+def encode(clip, texts: list[str], token_mode: str) -> list:
+    """One CONDITIONING for several prompts: entry tensors stacked along the batch, one row per prompt."""
+    encoded = [clip.encode_from_tokens_scheduled(official_tokens(clip, t) if token_mode == "official"
+                                                 else clip.tokenize(t)) for t in texts]
+    return [[_stack([e[i][0] for e in encoded]), {**encoded[0][i][1], "pooled_output": _stack(
+        [e[i][1]["pooled_output"] for e in encoded])}] for i in range(len(encoded[0]))]
+
+
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate along the batch; token counts that differ are repeated to a common length, as ComfyUI does."""
+    if len(tensors) == 1:
+        return tensors[0]
+    length = math.lcm(*(t.shape[1] for t in tensors)) if tensors[0].ndim == 3 else None
+    return torch.cat([t.repeat(1, length // t.shape[1], 1) if length else t for t in tensors])
+
+
+def per_image(name: str, values: list[str], count: int) -> list[str]:
+    """A prompt list broadcast to ``count`` prompts (one for all, or one per image)."""
+    if len(values) not in (1, count):
+        raise ValueError(f"{name} has {len(values)} prompts while other prompts have {count}; expected one prompt for "
+                         "all images or one per image")
+    return values * (count // len(values))
 
 
 def with_lowlevel(conditioning: list, lowlevel: list) -> list:
@@ -53,7 +76,9 @@ class XPSRDualPromptEncode(io.ComfyNode):
             display_name="XPSR Dual Prompt Encode",
             category=CATEGORY,
             description="Encodes XPSR's two prompts with SD1.5's CLIP: the high-level one (what the image shows) and "
-                        "the low-level one (its quality). Gives standard CONDITIONING that carries both.",
+                        "the low-level one (its quality). Gives standard CONDITIONING that carries both. Lists of "
+                        "prompts (e.g. one caption per image from XPSR Caption) give one prompt per image of a batch.",
+            is_input_list=True,
             inputs=[
                 io.Clip.Input("clip", tooltip="SD1.5's CLIP, from the same Load Checkpoint as the MODEL."),
                 io.String.Input("high_level", multiline=True, default="",
@@ -84,14 +109,20 @@ class XPSRDualPromptEncode(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, clip, high_level: str, low_level: str, added_prompt: str, negative_high: str, negative_low: str,
-                token_mode: str, lowlevel_cfg: str) -> io.NodeOutput:
-        if token_mode not in TOKEN_MODES:
-            raise ValueError(f"token_mode is {token_mode!r}; expected one of {TOKEN_MODES}")
-        if lowlevel_cfg not in LOWLEVEL_CFG_MODES:
-            raise ValueError(f"lowlevel_cfg is {lowlevel_cfg!r}; expected one of {LOWLEVEL_CFG_MODES}")
-        low = encode(clip, low_level.strip(), token_mode)
-        negative_lowlevel = encode(clip, negative_low, token_mode) if lowlevel_cfg == "official" else low
-        positive = with_lowlevel(encode(clip, high_level_prompt(high_level, added_prompt), token_mode), low)
-        negative = with_lowlevel(encode(clip, negative_high, token_mode), negative_lowlevel)
+    def execute(cls, clip: list, high_level: list[str], low_level: list[str], added_prompt: list[str],
+                negative_high: list[str], negative_low: list[str], token_mode: list[str],
+                lowlevel_cfg: list[str]) -> io.NodeOutput:
+        clip, added, mode, cfg_mode = clip[0], added_prompt[0], token_mode[0], lowlevel_cfg[0]
+        if mode not in TOKEN_MODES:
+            raise ValueError(f"token_mode is {mode!r}; expected one of {TOKEN_MODES}")
+        if cfg_mode not in LOWLEVEL_CFG_MODES:
+            raise ValueError(f"lowlevel_cfg is {cfg_mode!r}; expected one of {LOWLEVEL_CFG_MODES}")
+        prompts = {"high_level": high_level, "low_level": low_level, "negative_high": negative_high,
+                   "negative_low": negative_low}
+        count = max(len(v) for v in prompts.values())
+        prompts = {name: per_image(name, values, count) for name, values in prompts.items()}
+        low = encode(clip, [t.strip() for t in prompts["low_level"]], mode)
+        negative_lowlevel = encode(clip, prompts["negative_low"], mode) if cfg_mode == "official" else low
+        positive = with_lowlevel(encode(clip, [high_level_prompt(t, added) for t in prompts["high_level"]], mode), low)
+        negative = with_lowlevel(encode(clip, prompts["negative_high"], mode), negative_lowlevel)
         return io.NodeOutput(positive, negative)

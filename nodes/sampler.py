@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+import comfy.model_management
 import comfy.patcher_extension
 import comfy.sample
 import comfy.samplers
@@ -12,7 +13,7 @@ from comfy_api.latest import io
 
 from ..xpsr_core.color import METHODS as COLOR_FIXES
 from ..xpsr_core.color import color_fix as apply_color_fix
-from ..xpsr_core.image import resize, to_rgb, upscale_for_processing
+from ..xpsr_core.image import pipeline_bytes, resize, to_rgb, upscale_for_processing
 from .apply import attach_control
 from .common import CATEGORY, XPSRControlNetType
 from .sampling import (OFFICIAL_SCHEDULER, SCHEDULERS, STARTS, VAE_TILING, Progress, sampling_sigmas, start_latent,
@@ -22,12 +23,36 @@ from .tiled_sampling import TiledCondBatch
 TILES_KEY = "xpsr_latent_tiles"
 
 
+MIN_LR_SIDE = 8
+
+
 def check_image(image: torch.Tensor) -> torch.Tensor:
     """The LR image as (B, 3, H, W) float, refusing what cannot be restored."""
     rgb = to_rgb(image)
+    if min(rgb.shape[1:3]) < MIN_LR_SIDE:
+        raise ValueError(f"image is {rgb.shape[2]}x{rgb.shape[1]} px; expected at least {MIN_LR_SIDE} px per side")
     if not torch.isfinite(rgb).all():
         raise ValueError("image contains NaN or Inf values; expected finite pixel values in [0, 1]")
     return rgb.movedim(-1, 1).float()
+
+
+def check_prompts(batch: int, **conditionings: list) -> None:
+    """One prompt for every image, or one per image: anything else would silently pair the wrong prompts."""
+    for name, conditioning in conditionings.items():
+        for cond, _ in conditioning:
+            if cond.shape[0] not in (1, batch):
+                raise ValueError(f"{name} conditioning holds {cond.shape[0]} prompts but the image batch has {batch} "
+                                 "images; expected one prompt for all or one per image")
+
+
+def check_memory(batch: int, height: int, width: int, scale: float, process_size: int) -> None:
+    """Refuse, before any work, an output whose images cannot fit in memory."""
+    needed = pipeline_bytes(batch, height, width, scale, process_size)
+    free = comfy.model_management.get_free_memory(comfy.model_management.intermediate_device())
+    if needed > free:
+        raise ValueError(f"an output of {int(width * scale)}x{int(height * scale)} px x {batch} needs about "
+                         f"{needed / 2**30:.1f} GiB for its images and {free / 2**30:.1f} GiB are free; lower the scale "
+                         "or the batch")
 
 
 class XPSRSampler(io.ComfyNode):
@@ -97,6 +122,8 @@ class XPSRSampler(io.ComfyNode):
         if tile_overlap >= tile_size:
             raise ValueError(f"tile_overlap is {tile_overlap}; expected less than tile_size ({tile_size})")
         lr = check_image(image)
+        check_prompts(lr.shape[0], positive=positive, negative=negative)
+        check_memory(lr.shape[0], lr.shape[-2], lr.shape[-1], scale, process_size)
         upscaled = upscale_for_processing(lr, scale, process_size)
         lr_latent = vae_encode(vae, upscaled.movedim(1, -1), vae_tiling)
         positive, negative = attach_control(positive, negative, xpsr_controlnet, upscaled.movedim(1, -1),

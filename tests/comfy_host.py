@@ -142,10 +142,20 @@ TEST_PACK = textwrap.dedent('''
         def execute(cls, height, width, channels, batch, seed):
             return io.NodeOutput(comfy_host.test_image(height, width, channels, batch, seed))
 
+    class XPSRTestLines(io.ComfyNode):
+        @classmethod
+        def define_schema(cls):
+            return io.Schema(node_id="XPSRTestLines", category="testing", inputs=[io.String.Input("text")],
+                             outputs=[io.String.Output(is_output_list=True)])
+
+        @classmethod
+        def execute(cls, text):
+            return io.NodeOutput(text.split("|"))
+
     class _Ext(ComfyExtension):
         @override
         async def get_node_list(self):
-            return [XPSRTestTinySD15, XPSRTestImage]
+            return [XPSRTestTinySD15, XPSRTestImage, XPSRTestLines]
 
     async def comfy_entrypoint():
         return _Ext()
@@ -224,3 +234,31 @@ def output(executor: execution.PromptExecutor, node_id: str, index: int = 0):
 
 def error_message(executor: execution.PromptExecutor) -> str:
     return next((str(data) for event, data in executor.status_messages if event == "execution_error"), "")
+
+
+def graph(height: int = 37, width: int = 53, channels: int = 3, batch: int = 1, **sampler) -> dict:
+    """Tiny SD1.5 -> XPSR Loader -> Dual Prompt Encode -> XPSR Sampler on a generated LR image."""
+    settings = {"scale": 4.0, "process_size": 64, "seed": 0, "steps": 3, "cfg": 4.5, "sampler_name": "ddpm",
+                "scheduler": "xpsr_official", "start": "official", "denoise": 1.0, "control_strength": 1.0,
+                "tile_size": 320, "tile_overlap": 8, "vae_tiling": "auto", "color_fix": "adain"} | sampler
+    return {
+        "1": {"class_type": "XPSRTestTinySD15", "inputs": {}},
+        "2": {"class_type": "XPSRLoader", "inputs": {"model": ["1", 0], "xpsr_model": XPSR_FILE,
+                                                      "weight_dtype": "auto"}},
+        "3": {"class_type": "XPSRDualPromptEncode", "inputs": {
+            "clip": ["1", 1], "high_level": "a (red) brick wall", "low_level": "blurry and noisy",
+            "added_prompt": "clean, high-resolution", "negative_high": "blurry", "negative_low": "high resolution",
+            "token_mode": "official", "lowlevel_cfg": "official"}},
+        "4": {"class_type": "XPSRTestImage", "inputs": {"height": height, "width": width, "channels": channels,
+                                                         "batch": batch, "seed": 0}},
+        "5": {"class_type": "XPSRSampler", "inputs": {
+            "model": ["2", 0], "xpsr_controlnet": ["2", 1], "positive": ["3", 0], "negative": ["3", 1],
+            "image": ["4", 0], "vae": ["1", 2], **settings}},
+        "6": {"class_type": "PreviewImage", "inputs": {"images": ["5", 0]}},
+    }
+
+
+def run_ok(prompt: dict) -> tuple[execution.PromptExecutor, DummyServer]:
+    executor, server = run(prompt)
+    assert executor.success, error_message(executor)
+    return executor, server

@@ -10,37 +10,9 @@ import comfy.model_management as mm
 import comfy.utils
 
 
-def graph(height: int = 37, width: int = 53, channels: int = 3, batch: int = 1, **sampler) -> dict:
-    """Tiny SD1.5 -> XPSR Loader -> Dual Prompt Encode -> XPSR Sampler on a generated LR image."""
-    settings = {"scale": 4.0, "process_size": 64, "seed": 0, "steps": 3, "cfg": 4.5, "sampler_name": "ddpm",
-                "scheduler": "xpsr_official", "start": "official", "denoise": 1.0, "control_strength": 1.0,
-                "tile_size": 320, "tile_overlap": 8, "vae_tiling": "auto", "color_fix": "adain"} | sampler
-    return {
-        "1": {"class_type": "XPSRTestTinySD15", "inputs": {}},
-        "2": {"class_type": "XPSRLoader", "inputs": {"model": ["1", 0], "xpsr_model": H.XPSR_FILE,
-                                                      "weight_dtype": "auto"}},
-        "3": {"class_type": "XPSRDualPromptEncode", "inputs": {
-            "clip": ["1", 1], "high_level": "a (red) brick wall", "low_level": "blurry and noisy",
-            "added_prompt": "clean, high-resolution", "negative_high": "blurry", "negative_low": "high resolution",
-            "token_mode": "official", "lowlevel_cfg": "official"}},
-        "4": {"class_type": "XPSRTestImage", "inputs": {"height": height, "width": width, "channels": channels,
-                                                         "batch": batch, "seed": 0}},
-        "5": {"class_type": "XPSRSampler", "inputs": {
-            "model": ["2", 0], "xpsr_controlnet": ["2", 1], "positive": ["3", 0], "negative": ["3", 1],
-            "image": ["4", 0], "vae": ["1", 2], **settings}},
-        "6": {"class_type": "PreviewImage", "inputs": {"images": ["5", 0]}},
-    }
-
-
-def run_ok(prompt: dict):
-    executor, server = H.run(prompt)
-    assert executor.success, H.error_message(executor)
-    return executor, server
-
-
 @pytest.mark.parametrize("tile_size", [320, 8], ids=["whole", "tiled"])
 def test_graph_upscales_37x53_to_exactly_148x212(tile_size: int):
-    executor, _ = run_ok(graph(tile_size=tile_size, tile_overlap=2))
+    executor, _ = H.run_ok(H.graph(tile_size=tile_size, tile_overlap=2))
     image = H.output(executor, "5")
     assert image.shape == (1, 148, 212, 3)
     assert torch.isfinite(image).all() and 0 <= image.min() and image.max() <= 1
@@ -49,27 +21,27 @@ def test_graph_upscales_37x53_to_exactly_148x212(tile_size: int):
 
 
 def test_tiling_changes_the_computation_but_not_the_shape():
-    whole = H.output(run_ok(graph(tile_size=320))[0], "5", 1)["samples"]
-    tiled = H.output(run_ok(graph(tile_size=8, tile_overlap=2))[0], "5", 1)["samples"]
+    whole = H.output(H.run_ok(H.graph(tile_size=320))[0], "5", 1)["samples"]
+    tiled = H.output(H.run_ok(H.graph(tile_size=8, tile_overlap=2))[0], "5", 1)["samples"]
     assert whole.shape == tiled.shape
     assert not torch.allclose(whole, tiled)
 
 
 @pytest.mark.parametrize("channels", [1, 2, 4], ids=["gray", "gray_alpha", "rgba"])
 def test_any_channel_layout_gives_rgb(channels: int):
-    image = H.output(run_ok(graph(height=16, width=24, channels=channels, scale=2.0))[0], "5")
+    image = H.output(H.run_ok(H.graph(height=16, width=24, channels=channels, scale=2.0))[0], "5")
     assert image.shape == (1, 32, 48, 3)
 
 
 def test_image_batch_keeps_every_image():
-    image = H.output(run_ok(graph(height=16, width=20, batch=3, scale=2.0))[0], "5")
+    image = H.output(H.run_ok(H.graph(height=16, width=20, batch=3, scale=2.0))[0], "5")
     assert image.shape == (3, 32, 40, 3)
     assert not torch.allclose(image[0], image[1])
 
 
 @pytest.mark.parametrize("start", ["official", "noise", "img2img"])
 def test_every_start_and_a_comfy_scheduler_run(start: str):
-    image = H.output(run_ok(graph(start=start, denoise=0.5, sampler_name="euler", scheduler="karras"))[0], "5")
+    image = H.output(H.run_ok(H.graph(start=start, denoise=0.5, sampler_name="euler", scheduler="karras"))[0], "5")
     assert image.shape == (1, 148, 212, 3) and torch.isfinite(image).all()
 
 
@@ -103,7 +75,7 @@ def test_xpsr_weights_are_loaded_with_the_unet_while_sampling_and_offloaded_afte
 
     comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: seen.append(loaded_kinds()))
     try:
-        run_ok(graph(seed=11))
+        H.run_ok(H.graph(seed=11))
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
     assert seen and all({"unet", "controlnet", "conditional_attention"} <= kinds for kinds in seen)
@@ -113,7 +85,7 @@ def test_xpsr_weights_are_loaded_with_the_unet_while_sampling_and_offloaded_afte
 
 def test_ksampler_fed_by_xpsr_apply_equals_xpsr_sampler():
     settings = dict(seed=5, steps=3, cfg=4.5, sampler_name="euler", scheduler="normal", denoise=0.7)
-    prompt = graph(height=64, width=64, scale=1.0, process_size=64, start="img2img", color_fix="none", **settings)
+    prompt = H.graph(height=64, width=64, scale=1.0, process_size=64, start="img2img", color_fix="none", **settings)
     prompt |= {
         "7": {"class_type": "VAEEncode", "inputs": {"pixels": ["4", 0], "vae": ["1", 2]}},
         "8": {"class_type": "XPSRApply", "inputs": {"positive": ["3", 0], "negative": ["3", 1],
@@ -123,7 +95,7 @@ def test_ksampler_fed_by_xpsr_apply_equals_xpsr_sampler():
                                                     "latent_image": ["7", 0], **settings}},
         "10": {"class_type": "SaveLatent", "inputs": {"samples": ["9", 0], "filename_prefix": "xpsr_chain"}},
     }
-    executor, _ = run_ok(prompt)
+    executor, _ = H.run_ok(prompt)
     chained = H.output(executor, "9")["samples"]
     direct = H.output(executor, "5", 1)["samples"]
     torch.testing.assert_close(chained, direct, rtol=1e-6, atol=1e-6)
@@ -140,13 +112,13 @@ def test_interrupt_stops_sampling_and_the_next_run_works(tile_size: int):
 
     comfy.utils.set_progress_bar_global_hook(interrupt_on_first_progress)
     try:
-        executor, server = H.run(graph(seed=21, tile_size=tile_size, tile_overlap=2))
+        executor, server = H.run(H.graph(seed=21, tile_size=tile_size, tile_overlap=2))
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
     assert not executor.success
     assert any(event == "execution_interrupted" for event, _ in server.messages)
     assert len(calls) == 1
-    run_ok(graph(seed=22, tile_size=tile_size, tile_overlap=2))
+    H.run_ok(H.graph(seed=22, tile_size=tile_size, tile_overlap=2))
 
 
 def test_non_sd15_model_is_refused_with_a_clear_error():
@@ -161,19 +133,19 @@ def test_non_sd15_model_is_refused_with_a_clear_error():
 
 
 def test_bad_node_input_fails_the_prompt_and_the_server_keeps_serving():
-    prompt = graph()
+    prompt = H.graph()
     prompt["2"]["inputs"]["xpsr_model"] = H.XPSR_FILE
     prompt["4"]["inputs"]["channels"] = 5
     executor, _ = H.run(prompt)
     assert not executor.success and "image has 5 channels" in H.error_message(executor)
-    run_ok(graph(seed=31))
+    H.run_ok(H.graph(seed=31))
 
 
 @pytest.mark.parametrize("weight_dtype", ["fp16", "bf16", "fp32"])
 def test_weight_dtypes_load_and_sample(weight_dtype: str):
-    prompt = graph(seed=41)
+    prompt = H.graph(seed=41)
     prompt["2"]["inputs"]["weight_dtype"] = weight_dtype
-    executor, _ = run_ok(prompt)
+    executor, _ = H.run_ok(prompt)
     image = H.output(executor, "5")
     assert image.shape == (1, 148, 212, 3) and torch.isfinite(image).all()
     control = H.output(executor, "2", 1)
@@ -192,9 +164,9 @@ def test_official_checkpoint_folder_loads_through_the_node():
     shutil.copytree(parity_fixture().checkpoint, target, dirs_exist_ok=True)
     listed = H.pack_module("nodes.model_files").list_models()
     assert "runs/xpsr/checkpoint-1" in listed and H.XPSR_FILE in listed
-    prompt = graph(seed=51)
+    prompt = H.graph(seed=51)
     prompt["2"]["inputs"]["xpsr_model"] = "runs/xpsr/checkpoint-1"
-    run_ok(prompt)
+    H.run_ok(prompt)
 
 
 def test_xpsr_controlnet_survives_copy():
@@ -207,7 +179,7 @@ def test_xpsr_controlnet_survives_copy():
 
 
 def test_tiled_vae_and_wavelet_colour_fix_run():
-    image = H.output(run_ok(graph(seed=61, vae_tiling="on", color_fix="wavelet"))[0], "5")
+    image = H.output(H.run_ok(H.graph(seed=61, vae_tiling="on", color_fix="wavelet"))[0], "5")
     assert image.shape == (1, 148, 212, 3) and torch.isfinite(image).all()
 
 
@@ -219,7 +191,7 @@ def test_latent_previews_are_sent_with_progress(monkeypatch):
     comfy.utils.set_progress_bar_global_hook(
         lambda value, total, preview, node_id=None: previews.append(preview))
     try:
-        run_ok(graph(seed=71, steps=2))
+        H.run_ok(H.graph(seed=71, steps=2))
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
     assert len(previews) == 2 and all(p is not None for p in previews)

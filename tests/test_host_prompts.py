@@ -24,9 +24,11 @@ def encode_node():
 
 
 def encoded(clip, **overrides):
+    """The node's outputs; like ComfyUI with is_input_list, every input arrives as a list."""
     inputs = dict(high_level="a cat", low_level="blurry, noisy", added_prompt="clean", negative_high="blurry",
                   negative_low="high resolution", token_mode="official", lowlevel_cfg="official") | overrides
-    return encode_node().XPSRDualPromptEncode.execute(clip, **inputs).args
+    lists = {k: v if isinstance(v, list) else [v] for k, v in inputs.items()}
+    return encode_node().XPSRDualPromptEncode.execute([clip], **lists).args
 
 
 def lowlevel(conditioning) -> torch.Tensor:
@@ -85,3 +87,21 @@ def test_sdxl_style_clip_is_refused(clip):
 
     with pytest.raises(ValueError, match="XPSR needs Stable Diffusion 1.5's CLIP"):
         encode_node().official_tokens(FakeClip(), "a cat")
+
+
+def test_one_prompt_per_image_gives_a_batched_conditioning(clip):
+    positive, negative = encoded(clip, high_level=["a cat", "a dog", "a bird"], low_level="sharp")
+    assert positive[0][0].shape[0] == 3 and lowlevel(positive).shape[0] == 3
+    assert negative[0][0].shape[0] == 3
+    single, _ = encoded(clip, high_level="a dog")
+    torch.testing.assert_close(positive[0][0][1:2], single[0][0])
+
+
+def test_prompt_lists_of_different_lengths_are_refused(clip):
+    with pytest.raises(ValueError, match="low_level has 2 prompts while other prompts have 3"):
+        encoded(clip, high_level=["a", "b", "c"], low_level=["x", "y"])
+
+
+def test_comfy_mode_batches_prompts_of_different_lengths(clip):
+    positive, _ = encoded(clip, high_level=["a cat", LONG_CAPTION], token_mode="comfy")
+    assert positive[0][0].shape[0] == 2 and positive[0][0].shape[1] % 77 == 0

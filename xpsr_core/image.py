@@ -47,6 +47,17 @@ def processing_steps(height: int, width: int, scale: float, process_size: int) -
     return steps
 
 
+def pipeline_bytes(batch: int, height: int, width: int, scale: float, process_size: int) -> int:
+    """Host memory the pipeline's images need at their largest (float32), to refuse sizes that cannot fit.
+
+    The processing-size image is held about four times (upscaled, decoded, colour-fixed,
+    reference) and the output twice (resized, returned).
+    """
+    h, w, _ = processing_steps(height, width, scale, process_size)[-1]
+    out_h, out_w = int(height * scale), int(width * scale)
+    return 4 * batch * 3 * (4 * h * w + 2 * out_h * out_w)
+
+
 def upscale_for_processing(lr: torch.Tensor, scale: float, process_size: int) -> torch.Tensor:
     """LR (B, C, H, W) resized to the processing size by the official sequence."""
     for h, w, mode in processing_steps(lr.shape[-2], lr.shape[-1], scale, process_size):
