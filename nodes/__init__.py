@@ -7,11 +7,13 @@ from typing_extensions import override
 from comfy_api.latest import ComfyExtension, io
 
 from .apply import XPSRApply
+from .caption import XPSRCaption, XPSRCaptionDataset, XPSRMLLMLoader
 from .loader import XPSRLoader
 from .prompt_encode import XPSRDualPromptEncode
 from .sampler import XPSRSampler
 
-NODES: list[type[io.ComfyNode]] = [XPSRLoader, XPSRDualPromptEncode, XPSRApply, XPSRSampler]
+NODES: list[type[io.ComfyNode]] = [XPSRLoader, XPSRDualPromptEncode, XPSRApply, XPSRSampler, XPSRMLLMLoader,
+                                   XPSRCaption, XPSRCaptionDataset]
 
 
 class XPSRExtension(ComfyExtension):
