@@ -173,7 +173,8 @@ class XPSRCaption(io.ComfyNode):
             description="Writes XPSR's two prompts for every image of a batch: a high-level caption (content) and a "
                         "low-level one (quality). Feed them to XPSR Dual Prompt Encode (one prompt per image) or to "
                         "any text input.",
-            inputs=[XPSRMLLMType.Input("mllm"), io.Image.Input("image", tooltip="The low-resolution image(s)."),
+            inputs=[XPSRMLLMType.Input("mllm", tooltip="From XPSR MLLM Loader."),
+                    io.Image.Input("image", tooltip="The low-resolution image(s)."),
                     *_instruction_inputs()],
             outputs=[io.String.Output(display_name="high_level", is_output_list=True, tooltip="One per image."),
                      io.String.Output(display_name="low_level", is_output_list=True, tooltip="One per image.")],
@@ -198,7 +199,7 @@ class XPSRCaptionDataset(io.ComfyNode):
                         "<folder>/highlevel_prompt/<name>.txt and <folder>/lowlevel_prompt_q/<name>.txt, skipping "
                         "images that already have both unless overwrite is on.",
             is_output_node=True,
-            inputs=[XPSRMLLMType.Input("mllm"),
+            inputs=[XPSRMLLMType.Input("mllm", tooltip="From XPSR MLLM Loader."),
                     io.String.Input("dataset", default="", tooltip="The folder that holds LR/ (absolute path)."),
                     io.Boolean.Input("overwrite", default=False, tooltip="Caption images that have captions too."),
                     *_instruction_inputs()],
