@@ -8,12 +8,13 @@ from comfy_api.latest import ComfyExtension, io
 
 from .apply import XPSRApply
 from .caption import XPSRCaption, XPSRCaptionDataset, XPSRMLLMLoader
+from .color_fix import XPSRColorFix
 from .loader import XPSRLoader
 from .prompt_encode import XPSRDualPromptEncode
 from .sampler import XPSRSampler
 
 NODES: list[type[io.ComfyNode]] = [XPSRLoader, XPSRDualPromptEncode, XPSRApply, XPSRSampler, XPSRMLLMLoader,
-                                   XPSRCaption, XPSRCaptionDataset]
+                                   XPSRCaption, XPSRCaptionDataset, XPSRColorFix]
 
 
 class XPSRExtension(ComfyExtension):

@@ -195,3 +195,15 @@ def test_latent_previews_are_sent_with_progress(monkeypatch):
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
     assert len(previews) == 2 and all(p is not None for p in previews)
+
+
+def test_color_fix_node_gives_the_reference_colours():
+    H.setup_host()
+    node = H.pack_module("nodes.color_fix").XPSRColorFix
+    image = torch.rand(2, 32, 48, 3) * 0.3
+    reference = torch.rand(1, 8, 12, 3) * 0.2 + 0.6
+    (fixed,) = node.execute(image, reference, "adain").args
+    assert fixed.shape == image.shape
+    assert (fixed.mean((1, 2)) - reference.mean((1, 2))).abs().max() < 0.02
+    with pytest.raises(ValueError, match="reference has 3 images and image has 2"):
+        node.execute(image, torch.rand(3, 8, 8, 3), "adain")
