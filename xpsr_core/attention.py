@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 AttentionFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 """``attention(q, k, v, heads)`` on (B, N, heads*dim) tensors, returning (B, Nq, heads*dim).
@@ -107,7 +108,32 @@ class BasicTransformerBlock(nn.Module):
         return self.ff(self.norm3(x)) + x
 
 
-class Transformer2D(nn.Module):
+class Recomputable(nn.Module):
+    """A block whose activations can be recomputed in the backward pass instead of kept (training only).
+
+    Training memory is dominated by the blocks' activations, the full-resolution conditional
+    attention above all; ``set_gradient_checkpointing`` trades compute for that memory.
+    """
+
+    gradient_checkpointing = False
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(self._forward, *args, use_reentrant=False)
+        return self._forward(*args)
+
+    def _forward(self, *args: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def set_gradient_checkpointing(module: nn.Module, enabled: bool) -> None:
+    """Switch activation recomputation on or off for every recomputable block inside ``module``."""
+    for m in module.modules():
+        if isinstance(m, Recomputable):
+            m.gradient_checkpointing = enabled
+
+
+class Transformer2D(Recomputable):
     """diffusers' ``Transformer2DModel`` (continuous input, 1x1-conv projections)."""
 
     def __init__(self, channels: int, context_dim: int, heads: int, *, depth: int = 1, groups: int = 32,
@@ -122,7 +148,7 @@ class Transformer2D(nn.Module):
         ])
         self.proj_out = operations.Conv2d(channels, channels, 1, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         hidden = self.proj_in(self.norm(x))
         hidden = hidden.permute(0, 2, 3, 1).reshape(b, h * w, c)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import Operations
+from .attention import Operations, Recomputable
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, flip_sin_to_cos: bool = True,
@@ -45,7 +45,7 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(features)))
 
 
-class ResnetBlock2D(nn.Module):
+class ResnetBlock2D(Recomputable):
     def __init__(self, in_channels: int, out_channels: int, temb_channels: int, *, groups: int, eps: float,
                  output_scale_factor: float = 1.0, operations: Operations = nn, device: Any = None,
                  dtype: torch.dtype | None = None):
@@ -60,7 +60,7 @@ class ResnetBlock2D(nn.Module):
         self.conv_shortcut = (operations.Conv2d(in_channels, out_channels, 1, **kw)
                               if in_channels != out_channels else None)
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
         h = self.conv2(F.silu(self.norm2(h)))
@@ -88,3 +88,4 @@ class Upsample2D(nn.Module):
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Upsample to the size of the skip it meets, which is 2x except after odd encoder sizes."""
         return self.conv(F.interpolate(x, size=size, mode="nearest"))
+

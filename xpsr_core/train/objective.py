@@ -1,0 +1,80 @@
+"""The trainable modules and the loss of one batch, as the official train.py computes it.
+
+The HR image is encoded to a VAE posterior *sample* (scaled by 0.18215), noised to a timestep
+drawn uniformly from 0..999 on SD1.5's scaled-linear schedule, and the frozen UNet with the
+ControlNet's residuals and the trainable conditional attention predicts the noise. The loss is
+the noise MSE plus the Degradation-Free Constraint on the ControlNet's DFC heads. Random draws
+come from one CPU generator in the official order (VAE sample, noise, timesteps), so a seeded
+run draws the same numbers on any device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..conditional_attention import ConditionalAttention
+from ..controlnet import SFAControlNet
+from ..losses import diffusion_loss, dfc_loss
+from ..schedule import TRAIN_TIMESTEPS, noise_to_level
+from ..sd15 import SD15Base
+
+BETA_START = 0.00085
+BETA_END = 0.012
+
+
+def training_alphas_cumprod(steps: int = TRAIN_TIMESTEPS) -> torch.Tensor:
+    """SD1.5's scaled-linear schedule in float32, as diffusers' DDPMScheduler computes it."""
+    betas = torch.linspace(BETA_START ** 0.5, BETA_END ** 0.5, steps, dtype=torch.float32) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+class XPSRTrainable(nn.Module):
+    """What XPSR trains: the whole SFA-ControlNet and the UNet's conditional attention."""
+
+    def __init__(self, controlnet: SFAControlNet, conditional_attention: ConditionalAttention):
+        super().__init__()
+        self.controlnet = controlnet
+        self.conditional_attention = conditional_attention
+
+
+@dataclass
+class LossTerms:
+    loss: torch.Tensor
+    mse: torch.Tensor
+    dfc: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The loss settings: DFC form and weight, and the autocast dtype (None: full fp32)."""
+
+    dfc_form: str = "official"
+    dfc_weight: float = 0.05
+    autocast_dtype: torch.dtype | None = None
+
+
+def batch_loss(trainable: XPSRTrainable, base: SD15Base, batch: dict, generator: torch.Generator,
+               alphas_cumprod: torch.Tensor, objective: Objective) -> LossTerms:
+    """The loss of one batch from ``collate``; the frozen encoders run outside autocast, in fp32."""
+    device = next(trainable.parameters()).device
+    target = batch["target"].to(device)
+    control = batch["control"].to(device)
+    latents = base.encode_images(target, generator)
+    c_h = base.encode_prompts(batch["highlevel_prompt"])
+    c_l = base.encode_prompts(batch["lowlevel_prompt"])
+    noise = torch.randn(latents.shape, generator=generator).to(device)
+    timesteps = torch.randint(0, len(alphas_cumprod), (latents.shape[0],), generator=generator)
+    level = alphas_cumprod[timesteps].view(-1, 1, 1, 1).to(device)
+    timesteps = timesteps.to(device)
+    noisy = noise_to_level(latents, noise, level)
+    with torch.autocast(device.type, dtype=objective.autocast_dtype or torch.float32,
+                        enabled=objective.autocast_dtype is not None):
+        out = trainable.controlnet(noisy, timesteps, c_h, control, c_l, return_dfc=True)
+        eps = base.unet(noisy, timesteps, c_h, out.down_residuals, out.mid_residual, trainable.conditional_attention)
+    mse = diffusion_loss(eps, noise)
+    dfc = dfc_loss(out, target, latents, trainable.controlnet.config.layers_per_block, objective.dfc_form,
+                   objective.dfc_weight)
+    return LossTerms(mse + dfc, mse, dfc)
