@@ -262,3 +262,35 @@ def run_ok(prompt: dict) -> tuple[execution.PromptExecutor, DummyServer]:
     executor, server = run(prompt)
     assert executor.success, error_message(executor)
     return executor, server
+
+
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
+
+
+def ui_to_api(workflow: dict) -> dict:
+    """A UI-format workflow as an API prompt, read through the node schemas ComfyUI reports.
+
+    Widget values are stored by position; each node's INPUT_TYPES says which inputs are
+    widgets and which of them carry a control_after_generate value after them.
+    """
+    setup_host()
+    links = {link[0]: link for link in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        if node["type"] in FRONTEND_ONLY or node.get("mode", 0) != 0:
+            continue
+        spec = nodes.NODE_CLASS_MAPPINGS[node["type"]].INPUT_TYPES()
+        linked = {i["name"]: links[i["link"]] for i in node.get("inputs", []) if i.get("link") is not None}
+        values = iter(node.get("widgets_values", []))
+        inputs = {}
+        for name, (kind, *rest) in {**spec.get("required", {}), **spec.get("optional", {})}.items():
+            options = rest[0] if rest else {}
+            if (isinstance(kind, list) or kind in WIDGET_TYPES) and not options.get("forceInput"):
+                inputs[name] = next(values)
+                if options.get("control_after_generate"):
+                    next(values)
+            if name in linked:
+                inputs[name] = [str(linked[name][1]), linked[name][2]]
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
