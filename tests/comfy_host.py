@@ -213,6 +213,7 @@ def setup_host() -> None:
 
 def pack_module(name: str):
     """A module of the pack as ComfyUI imported it (e.g. 'nodes.control')."""
+    setup_host()
     return sys.modules[f"{str(REPO).replace('.', '_x_')}.{name}"]
 
 
