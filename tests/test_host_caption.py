@@ -128,3 +128,17 @@ def test_missing_model_folder_is_a_clear_error():
     prompt["20"]["inputs"]["model"] = "nowhere/model"
     executor, _ = H.run(prompt)
     assert not executor.success and "MLLM folder 'nowhere/model' not found" in H.error_message(executor)
+
+
+def test_out_of_memory_is_reported_with_what_to_try(monkeypatch):
+    caption = H.pack_module("nodes.caption")
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(caption, "caption_image", out_of_memory)
+    executor, _ = H.run(caption_graph(tokens=11))
+    message = H.error_message(executor)
+    assert not executor.success and "out of memory while captioning with llava-tiny" in message
+    assert "dtype fp16 or bf16" in message
+    assert not mllm_loaded()
