@@ -4,9 +4,12 @@
 
 Every figure is a ratio measured within one run (these machines are noisy): the time of one
 sampling step (CFG batch 2) of XPSR (patched MODEL + SFA-ControlNet) over the stock model
-with a stock ControlNet, beside the ratio of their FLOPs; and the conditional attention's
-peak memory per token at growing token counts (linear memory gives a flat ratio). SD1.5
-sizes, random weights. Results go to results.json and results.md.
+with a stock ControlNet, beside the ratio of their FLOPs; the conditional attention's peak
+memory per token at growing token counts (linear memory gives a flat ratio); the peak memory
+of a whole step per output pixel; the time of a tiled step per megapixel from 512 to 2048 px
+(per output and per processed tile pixel: the official grid overlaps); and the captioning
+time per image with the MLLM's load/unload overhead. SD1.5 sizes, random weights. Results go
+to results.json and results.md.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import asyncio
 import importlib
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -47,11 +49,12 @@ def _cpu_flash_attention_flops(query, key, value, *args, out_shape=None, **kwarg
     return sdpa_flop_count(query, key, value)
 
 
-def import_comfy():
+def import_comfy(pytorch_attention: bool):
     sys.path.insert(0, os.environ["COMFYUI_PATH"])
     from comfy.cli_args import args
 
     args.cpu = not torch.cuda.is_available()
+    args.use_pytorch_cross_attention = pytorch_attention
     import nodes
 
     asyncio.run(nodes.load_custom_node(str(REPO), ignore=set(nodes.NODE_CLASS_MAPPINGS)))
@@ -126,8 +129,8 @@ def one_step(model, control, latent: int, with_lowlevel: bool) -> float:
     return time.perf_counter() - start
 
 
-def step_ratio(pack, sizes: list[int], repeats: int) -> list[dict]:
-    model, stock, patched, xpsr = build(pack)
+def step_ratio(models: tuple, sizes: list[int], repeats: int) -> list[dict]:
+    model, stock, patched, xpsr = models
     rows = []
     for latent in sizes:
         runs = {"stock": (model, stock, False), "xpsr": (patched, xpsr, True)}
@@ -147,6 +150,89 @@ def step_ratio(pack, sizes: list[int], repeats: int) -> list[dict]:
                      "flop_ratio": flops["xpsr"] / flops["stock"], "xpsr_gflops": flops["xpsr"] / 1e9,
                      "stock_gflops": flops["stock"] / 1e9})
     return rows
+
+
+def peak_memory(run) -> int:
+    """Peak memory growth during ``run()``: CUDA's allocator peak, or Linux's peak RSS reset just before."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        run()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    open("/proc/self/clear_refs", "w").write("5")
+    before = _vm_hwm()
+    run()
+    return _vm_hwm() - before
+
+
+def _vm_hwm() -> int:
+    return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
+
+
+def step_memory(models: tuple, outputs: list[int]) -> list[dict]:
+    """Peak memory of one XPSR step (CFG batch 2, weights already loaded) at each output size."""
+    _, _, patched, xpsr = models
+    one_step(patched, xpsr, outputs[0] // 8, True)
+    rows = [{"output_px": px, "peak_bytes": peak_memory(lambda: one_step(patched, xpsr, px // 8, True))}
+            for px in outputs]
+    for row in rows:
+        row["per_pixel_ratio"] = (row["peak_bytes"] / row["output_px"] ** 2) / (rows[0]["peak_bytes"] /
+                                                                                rows[0]["output_px"] ** 2)
+    return rows
+
+
+def tiled_throughput(pack, models: tuple, outputs: list[int], tile: int, overlap: int) -> list[dict]:
+    """Time of one tiled XPSR step per output megapixel and per processed (tile) megapixel, relative to the first."""
+    import comfy.patcher_extension
+
+    tiling = importlib.import_module(f"{pack.__name__}.xpsr_core.tiling")
+    _, _, patched, xpsr = models
+    model = patched.clone()
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, "bench_tiles",
+                               pack.nodes.tiled_sampling.TiledCondBatch(tile, overlap))
+    one_step(model, xpsr, outputs[0] // 8, True)
+    rows = []
+    for px in outputs:
+        latent = px // 8
+        boxes = tiling.tile_boxes(latent, latent, tile, overlap) if tiling.needs_tiling(latent, latent, tile) else []
+        processed = sum((b.y1 - b.y0) * (b.x1 - b.x0) for b in boxes) * 64 or px * px
+        seconds = one_step(model, xpsr, latent, True)
+        rows.append({"output_px": px, "tiles": max(1, len(boxes)), "seconds": seconds,
+                     "s_per_output_mp": seconds / (px * px / 1e6), "s_per_processed_mp": seconds / (processed / 1e6)})
+    for row in rows:
+        row["per_output_mp_ratio"] = row["s_per_output_mp"] / rows[0]["s_per_output_mp"]
+        row["per_processed_mp_ratio"] = row["s_per_processed_mp"] / rows[0]["s_per_processed_mp"]
+    return rows
+
+
+def caption_cost(pack, images: int = 4, tokens: int = 32) -> dict:
+    """Tiny-LLaVA caption time per image and the MLLM's load + unload overhead, as a ratio to it."""
+    import tempfile
+
+    sys.path.insert(0, str(REPO / "tests"))
+    import tiny_vlm
+
+    import folder_paths
+
+    base = Path(tempfile.mkdtemp(prefix="bench_llm_"))
+    tiny_vlm.build_llava(base / "llava-tiny")
+    folder_paths.folder_names_and_paths["LLM"] = ([str(base)], set())
+    caption = pack.nodes.caption
+    pictures = [caption.to_pil(torch.rand(64, 64, 3)) for _ in range(images)]
+    mllm = caption.load_mllm("llava-tiny", "fp32", False)
+    list(caption.captions(mllm, pictures[:1], 1, ["Describe."], tokens, True))
+    start = time.perf_counter()
+    list(caption.captions(mllm, pictures, images, ["Describe."], tokens, True))
+    per_image = (time.perf_counter() - start) / images
+    start = time.perf_counter()
+    mllm.unload()
+    mllm.load()
+    overhead = time.perf_counter() - start
+    mllm.unload()
+    return {"images": images, "new_tokens": tokens, "seconds_per_image": per_image,
+            "load_unload_seconds": overhead, "load_unload_over_caption": overhead / per_image}
 
 
 ATTENTION_PROBE = textwrap.dedent("""
@@ -184,15 +270,37 @@ def attention_memory(sides: list[int]) -> list[dict]:
     return rows
 
 
+SECTIONS = ("attention_memory", "step", "step_memory", "tiled", "caption")
+
+
 def markdown(results: dict) -> str:
-    lines = ["## One sampling step (CFG batch 2), XPSR over stock SD1.5 + ControlNet", "",
-             "| latent | output | time ratio | FLOP ratio | XPSR GFLOPs | stock GFLOPs |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['latent']}x{r['latent']} | {r['output_px']} px | {r['time_ratio']:.3f} | {r['flop_ratio']:.3f} "
-              f"| {r['xpsr_gflops']:.0f} | {r['stock_gflops']:.0f} |" for r in results["step"]]
-    lines += ["", "## Conditional attention peak memory per token (relative to the smallest)", "",
-              "| tokens | peak MiB | per-token ratio |", "|---|---|---|"]
-    lines += [f"| {r['tokens']} | {r['peak_bytes'] / 2**20:.1f} | {r['per_token_ratio']:.2f} |"
-              for r in results["attention_memory"]]
+    lines = [f"Device {results['device']}, torch {results['torch']}, ComfyUI attention {results['attention_backend']}."]
+    if "step" in results:
+        lines += ["", "## One sampling step (CFG batch 2), XPSR over stock SD1.5 + ControlNet", "",
+                  "| latent | output | time ratio | FLOP ratio | XPSR GFLOPs | stock GFLOPs |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['latent']}x{r['latent']} | {r['output_px']} px | {r['time_ratio']:.3f} | "
+                  f"{r['flop_ratio']:.3f} | {r['xpsr_gflops']:.0f} | {r['stock_gflops']:.0f} |" for r in results["step"]]
+    if "attention_memory" in results:
+        lines += ["", "## Conditional attention peak memory per token (relative to the smallest)", "",
+                  "| tokens | peak MiB | per-token ratio |", "|---|---|---|"]
+        lines += [f"| {r['tokens']} | {r['peak_bytes'] / 2**20:.1f} | {r['per_token_ratio']:.2f} |"
+                  for r in results["attention_memory"]]
+    if "step_memory" in results:
+        lines += ["", "## Peak memory of one XPSR step (relative per pixel to the smallest output)", "",
+                  "| output | peak MiB | per-pixel ratio |", "|---|---|---|"]
+        lines += [f"| {r['output_px']} px | {r['peak_bytes'] / 2**20:.0f} | {r['per_pixel_ratio']:.2f} |"
+                  for r in results["step_memory"]]
+    if "tiled" in results:
+        lines += ["", "## One tiled XPSR step: time per megapixel (relative to the smallest output)", "",
+                  "| output | tiles | seconds | per output MP | per processed MP |", "|---|---|---|---|---|"]
+        lines += [f"| {r['output_px']} px | {r['tiles']} | {r['seconds']:.1f} | {r['per_output_mp_ratio']:.2f} | "
+                  f"{r['per_processed_mp_ratio']:.2f} |" for r in results["tiled"]]
+    if "caption" in results:
+        c = results["caption"]
+        lines += ["", "## Captioning (tiny LLaVA)", "",
+                  f"{c['seconds_per_image']:.3f} s per image ({c['new_tokens']} new tokens); load + unload "
+                  f"{c['load_unload_seconds']:.3f} s = {c['load_unload_over_caption']:.2f} captions"]
     return "\n".join(lines) + "\n"
 
 
@@ -201,18 +309,38 @@ def main() -> int:
     parser.add_argument("--sizes", default="32,64", help="latent sizes of the step benchmark")
     parser.add_argument("--attention-sides", default="64,128,192", help="feature-map sides of the memory probe")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--memory-outputs", default="512,1024", help="output sizes of the step-memory benchmark")
+    parser.add_argument("--tiled-outputs", default="512,1024,2048", help="output sizes of the tiled benchmark")
+    parser.add_argument("--tile", type=int, default=64, help="latent tile size of the tiled benchmark (the 512 px "
+                                                             "output is one tile, so work per processed pixel is equal)")
+    parser.add_argument("--overlap", type=int, default=8, help="latent tile overlap of the tiled benchmark")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--attention", choices=("pytorch", "comfy-default"), default="pytorch",
+                        help="ComfyUI's attention backend: pytorch (SDPA, ComfyUI's choice on NVIDIA GPUs) or what "
+                             "ComfyUI picks by default on this device (sub-quadratic on a CPU)")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"some of {','.join(SECTIONS)}")
     args = parser.parse_args()
     if not os.environ.get("COMFYUI_PATH"):
         parser.error("set COMFYUI_PATH to a ComfyUI checkout: the step benchmark runs ComfyUI's own models")
-    pack = import_comfy()
-    results = {
-        "device": str(sys.modules["comfy.model_management"].get_torch_device()),
-        "torch": torch.__version__,
-        "attention_memory": attention_memory([int(s) for s in args.attention_sides.split(",")]),
-        "step": step_ratio(pack, [int(s) for s in args.sizes.split(",")], args.repeats),
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    sections = args.sections.split(",")
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown section {sorted(unknown)[0]!r}; expected some of {','.join(SECTIONS)}")
+    pack = import_comfy(args.attention == "pytorch")
+    models = build(pack) if {"step", "step_memory", "tiled"} & set(sections) else None
+
+    def ints(text: str) -> list[int]:
+        return [int(v) for v in text.split(",")]
+
+    runs = {
+        "attention_memory": lambda: attention_memory(ints(args.attention_sides)),
+        "step": lambda: step_ratio(models, ints(args.sizes), args.repeats),
+        "step_memory": lambda: step_memory(models, ints(args.memory_outputs)),
+        "tiled": lambda: tiled_throughput(pack, models, ints(args.tiled_outputs), args.tile, args.overlap),
+        "caption": lambda: caption_cost(pack),
     }
+    results = {"device": str(sys.modules["comfy.model_management"].get_torch_device()), "torch": torch.__version__,
+               "attention_backend": args.attention} | {name: runs[name]() for name in SECTIONS if name in sections}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     (args.out / "results.md").write_text(markdown(results))
