@@ -8,7 +8,6 @@ folders under ``models/LLM``; nothing is downloaded.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,19 +27,13 @@ from ..xpsr_core.captions import (HIGH_LEVEL_INSTRUCTION, LOW_LEVEL_INSTRUCTION,
 from ..xpsr_core.image import to_rgb
 from ..xpsr_core.mllm import (DEFAULT_MAX_NEW_TOKENS, CaptionModel, CaptionModelError, caption_image,
                               list_model_folders, load_caption_model)
-from .common import CATEGORY
+from .common import CATEGORY, DTYPE_CHOICES, choose_dtype, register_model_folder
 
 FOLDER = "LLM"
-DTYPES = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 XPSRMLLMType = io.Custom("XPSR_MLLM")
 
 
-def register_folder() -> None:
-    if FOLDER not in folder_paths.folder_names_and_paths:
-        folder_paths.folder_names_and_paths[FOLDER] = ([os.path.join(folder_paths.models_dir, FOLDER)], set())
-
-
-register_folder()
+register_model_folder(FOLDER, set())
 
 
 def list_models() -> list[str]:
@@ -78,10 +71,8 @@ def load_mllm(name: str, dtype: str, trust_remote_code: bool) -> MLLM:
     if path is None:
         raise ValueError(f"MLLM folder '{name}' not found under {folder_paths.get_folder_paths(FOLDER)}; place a "
                          "Hugging Face model folder (config.json, weights, processor files) there")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype is {dtype!r}; expected one of {list(DTYPES)}")
     device = mm.text_encoder_device()
-    weight_dtype = DTYPES[dtype] or mm.text_encoder_dtype(device)
+    weight_dtype = choose_dtype("dtype", dtype, mm.text_encoder_dtype(device))
     try:
         caption_model = load_caption_model(path, weight_dtype, trust_remote_code)
     except CaptionModelError as e:
@@ -149,7 +140,7 @@ class XPSRMLLMLoader(io.ComfyNode):
                 io.Combo.Input("model", options=list_models(),
                                tooltip="A Hugging Face model folder under models/LLM (e.g. llava-hf/llava-1.5-7b-hf, "
                                        "the official high-level model)."),
-                io.Combo.Input("dtype", options=list(DTYPES), default="auto",
+                io.Combo.Input("dtype", options=list(DTYPE_CHOICES), default="auto",
                                tooltip="auto: fp16 on a GPU that supports it, else fp32."),
                 io.Boolean.Input("trust_remote_code", default=False,
                                  tooltip="Run the Python code shipped in the model folder (needed e.g. for "

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .common import CATEGORY, XPSRControlNetType
-from .model_files import WEIGHT_DTYPES, list_models, load_xpsr, resolve
+from .common import CATEGORY, DTYPE_CHOICES, XPSRControlNetType
+from .model_files import list_models, load_xpsr, resolve
 from .unet_patch import patch_model
 
 
@@ -25,7 +25,7 @@ class XPSRLoader(io.ComfyNode):
                 io.Combo.Input("xpsr_model", options=list_models(),
                                tooltip="The single file from `python -m xpsr_core.convert`, or an official XPSR "
                                        "checkpoint folder (with controlnet/ and unet/), under models/xpsr."),
-                io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="auto",
+                io.Combo.Input("weight_dtype", options=list(DTYPE_CHOICES), default="auto",
                                tooltip="Precision of the XPSR weights in memory; auto follows the MODEL."),
             ],
             outputs=[

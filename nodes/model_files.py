@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
-
 import comfy.model_management
 import comfy.model_patcher
 import comfy.ops
@@ -17,20 +15,12 @@ from comfy.ldm.modules.attention import optimized_attention
 from ..xpsr_core.checkpoint import build_models, load_checkpoint
 from ..xpsr_core.config import UNetConfig
 from ..xpsr_core.errors import CheckpointError
+from .common import choose_dtype, register_model_folder
 from .control import ControlModel, XPSRControlNet
 
 FOLDER = "xpsr"
-WEIGHT_DTYPES = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
-
-def register_folder() -> None:
-    """Register ``models/xpsr`` (and any ``xpsr:`` entry of extra_model_paths.yaml) for .safetensors files."""
-    paths, extensions = folder_paths.folder_names_and_paths.get(
-        FOLDER, ([os.path.join(folder_paths.models_dir, FOLDER)], set()))
-    folder_paths.folder_names_and_paths[FOLDER] = (paths, set(extensions) | {".safetensors"})
-
-
-register_folder()
+register_model_folder(FOLDER, {".safetensors"})
 
 
 def _official_folders(base: Path, depth: int = 3) -> list[str]:
@@ -84,12 +74,6 @@ def check_base_model(model: comfy.model_patcher.ModelPatcher, unet: UNetConfig, 
             raise ValueError(f"XPSR: the MODEL's UNet has {key} = {got}, but {source} was trained for {key} = {value}")
 
 
-def _weight_dtype(choice: str, model: comfy.model_patcher.ModelPatcher) -> torch.dtype:
-    if choice not in WEIGHT_DTYPES:
-        raise ValueError(f"weight_dtype is {choice!r}; expected one of {list(WEIGHT_DTYPES)}")
-    return WEIGHT_DTYPES[choice] or model.model_dtype()
-
-
 def load_xpsr(path: Path, model: comfy.model_patcher.ModelPatcher,
               weight_dtype: str) -> tuple[XPSRControlNet, comfy.model_patcher.ModelPatcher]:
     """The ControlNet and the conditional attention, built with ComfyUI's ops on its offload device."""
@@ -98,7 +82,7 @@ def load_xpsr(path: Path, model: comfy.model_patcher.ModelPatcher,
     except CheckpointError as e:
         raise ValueError(str(e)) from e
     check_base_model(model, ckpt.unet_config, path.name)
-    dtype = _weight_dtype(weight_dtype, model)
+    dtype = choose_dtype("weight_dtype", weight_dtype, model.model_dtype())
     load_device = comfy.model_management.get_torch_device()
     offload_device = comfy.model_management.unet_offload_device()
     manual_cast = comfy.model_management.unet_manual_cast(dtype, load_device)
