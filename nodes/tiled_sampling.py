@@ -35,6 +35,7 @@ class TiledCondBatch:
         self.overlap = overlap
         self.on_tile = on_tile
         self._tiled_controls: dict[tuple, comfy.controlnet.ControlBase] = {}
+        self._full_hints: dict[tuple, torch.Tensor] = {}
 
     def tile_count(self, height: int, width: int) -> int:
         return len(tile_boxes(height, width, self.tile, self.overlap)) if needs_tiling(height, width, self.tile) else 1
@@ -74,7 +75,10 @@ class TiledCondBatch:
                 raise ValueError(f"XPSR tiled sampling can crop the hints of image ControlNets only, not of "
                                  f"{type(control).__name__}; raise the tile size so the image is processed whole")
             ratio = control.compression_ratio
-            hint = full_hint(control, height * ratio, width * ratio)
+            hint_key = (id(control), height, width)
+            if hint_key not in self._full_hints:
+                self._full_hints[hint_key] = full_hint(control, height * ratio, width * ratio)
+            hint = self._full_hints[hint_key]
             tiled = control.copy()
             tiled.cond_hint_original = hint[..., box.y0 * ratio:box.y1 * ratio, box.x0 * ratio:box.x1 * ratio]
             tiled.timestep_range = control.timestep_range
