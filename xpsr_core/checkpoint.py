@@ -54,32 +54,22 @@ class XPSRCheckpoint:
 
 
 class WeightFile:
-    """One weights file, read lazily: shapes first, tensors on demand."""
+    """One weights file, read lazily: shapes first, each tensor when asked for, through one open handle."""
 
     def __init__(self, path: Path):
         self.path = path
         if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
             self.shapes = {k: v.shape for k, v in read_header(path).tensors.items()}
-            self._tensors: dict[str, torch.Tensor] | None = None
+            self.get: Callable[[str], torch.Tensor] = safe_open(str(path), framework="pt", device="cpu").get_tensor
         else:
-            self._tensors = _load_torch_file(path)
-            self.shapes = {k: tuple(v.shape) for k, v in self._tensors.items()}
-
-    def get(self, key: str) -> torch.Tensor:
-        if self._tensors is not None:
-            return self._tensors[key]
-        from safetensors import safe_open
-
-        with safe_open(str(self.path), framework="pt", device="cpu") as f:
-            return f.get_tensor(key)
+            tensors = _load_torch_file(path)
+            self.shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+            self.get = tensors.__getitem__
 
     def get_many(self, keys: list[str], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-        if self._tensors is not None:
-            return {k: _cast(self._tensors[k], dtype) for k in keys}
-        from safetensors import safe_open
-
-        with safe_open(str(self.path), framework="pt", device="cpu") as f:
-            return {k: _cast(f.get_tensor(k), dtype) for k in keys}
+        return {k: _cast(self.get(k), dtype) for k in keys}
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
