@@ -20,16 +20,20 @@ import sys
 import uuid
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parents[1]
 SAMPLER_DEFAULTS = {"scale": 4.0, "process_size": 512, "seed": 0, "steps": 20, "cfg": 4.5, "sampler_name": "ddpm",
                     "scheduler": "xpsr_official", "start": "official", "denoise": 1.0, "control_strength": 1.0,
                     "tile_size": 320, "tile_overlap": 8, "vae_tiling": "auto", "color_fix": "adain"}
-PROMPT_DEFAULTS = {"added_prompt": "clean, high-resolution, 8k, high quality, clear text.",
-                   "negative_high": "blurry, dotted, noise, raster lines, unclear, lowres, over-smoothed.",
-                   "negative_low": "high resolution, best quality, clear", "token_mode": "official",
-                   "lowlevel_cfg": "official"}
+"""The XPSR Sampler node's defaults, needed for the options before ComfyUI is imported; a host test keeps them
+equal to the node's."""
+PACK_MODULE = str(REPO).replace(".", "_x_")
+"""The module name ComfyUI gives this pack when it loads it from REPO."""
+
+
+def prompt_settings(prompts) -> dict:
+    """XPSR Dual Prompt Encode's official settings (``prompts`` is the pack's xpsr_core.prompts)."""
+    return {"added_prompt": prompts.ADDED_PROMPT, "negative_high": prompts.NEGATIVE_HIGH,
+            "negative_low": prompts.NEGATIVE_LOW, "token_mode": "official", "lowlevel_cfg": "official"}
 
 
 def build_prompt(image: Path, base: dict, xpsr_model: str, sampler: dict, prompts: dict,
@@ -85,7 +89,8 @@ class _Server:
 def run_folder(images: list[Path], output: Path, make_prompt, executor=None) -> list[Path]:
     """Run the prompt of every image and save the XPSR Sampler's image as <output>/<name>.png."""
     import execution
-    from PIL import Image
+
+    to_pil = importlib.import_module(f"{PACK_MODULE}.nodes.caption").to_pil
 
     output.mkdir(parents=True, exist_ok=True)
     executor = executor or execution.PromptExecutor(_Server(), cache_type=execution.CacheType.CLASSIC)
@@ -103,14 +108,14 @@ def run_folder(images: list[Path], output: Path, make_prompt, executor=None) -> 
         for b, picture in enumerate(result):
             name = image.stem if len(result) == 1 else f"{image.stem}_{b}"
             path = output / f"{name}.png"
-            Image.fromarray((picture.clamp(0, 1) * 255).round().byte().cpu().numpy().astype(np.uint8)).save(path)
+            to_pil(picture).save(path)
             written.append(path)
         print(f"[{i + 1}/{len(images)}] {image.name} -> {path.name}")
     return written
 
 
 def start_comfy(cpu: bool):
-    """ComfyUI's modules with the pack loaded as ComfyUI loads custom nodes; returns the pack's caption module."""
+    """ComfyUI's modules with the pack loaded as ComfyUI loads custom nodes; returns the pack's core package."""
     sys.path.insert(0, os.environ["COMFYUI_PATH"])
     from comfy.cli_args import args
 
@@ -123,7 +128,7 @@ def start_comfy(cpu: bool):
         utils.extra_config.load_extra_path_config(str(extra))
     if not asyncio.run(nodes.load_custom_node(str(REPO), ignore=set(nodes.NODE_CLASS_MAPPINGS))):
         raise RuntimeError("the XPSR pack failed to load into ComfyUI (see the log above)")
-    return importlib.import_module(f"{str(REPO).replace('.', '_x_')}.xpsr_core.captions")
+    return importlib.import_module(f"{PACK_MODULE}.xpsr_core")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,11 +154,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--input {args.input} holds no images")
     sampler = {k: getattr(args, k) for k in SAMPLER_DEFAULTS}
     base = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": args.checkpoint}}
-    captions = start_comfy(args.cpu)
+    core = start_comfy(args.cpu)
+    captions = importlib.import_module(f"{core.__name__}.captions")
+    prompts = prompt_settings(importlib.import_module(f"{core.__name__}.prompts"))
 
     def make_prompt(image: Path) -> dict:
         high, low = captions_for(image, args.captions, captions)
-        return build_prompt(image, base, args.xpsr, sampler, PROMPT_DEFAULTS, high, low,
+        return build_prompt(image, base, args.xpsr, sampler, prompts, high, low,
                             args.mllm if args.captions == "mllm" else None,
                             (captions.HIGH_LEVEL_INSTRUCTION, captions.LOW_LEVEL_INSTRUCTION))
 

@@ -44,7 +44,7 @@ def test_folder_is_upscaled_with_each_images_captions(tmp_path: Path, monkeypatc
     def make_prompt(image: Path) -> dict:
         high, low = batch.captions_for(image, "txt", captions)
         return batch.build_prompt(image, {"class_type": "XPSRTestTinySD15", "inputs": {}}, H.XPSR_FILE, sampler,
-                                  batch.PROMPT_DEFAULTS, high, low)
+                                  batch.prompt_settings(H.pack_module("xpsr_core.prompts")), high, low)
 
     H.setup_host()
     written = batch.run_folder(sorted(lr.iterdir()), tmp_path / "out", make_prompt)
@@ -58,3 +58,16 @@ def test_command_refuses_a_missing_folder(tmp_path: Path):
                           str(tmp_path / "o"), "--checkpoint", "a", "--xpsr", "b"], capture_output=True, text=True,
                          env={"COMFYUI_PATH": H.COMFYUI_PATH, "PATH": "/usr/bin:/bin"})
     assert run.returncode == 2 and "--input" in run.stderr and "is not a folder" in run.stderr
+
+
+def test_command_defaults_are_the_sampler_nodes_defaults():
+    H.setup_host()
+    spec = H.nodes.NODE_CLASS_MAPPINGS["XPSRSampler"].INPUT_TYPES()["required"]
+    assert script().SAMPLER_DEFAULTS == {name: spec[name][1]["default"] for name in script().SAMPLER_DEFAULTS}
+
+
+def test_command_prompt_settings_are_the_prompt_nodes_defaults():
+    H.setup_host()
+    spec = H.nodes.NODE_CLASS_MAPPINGS["XPSRDualPromptEncode"].INPUT_TYPES()["required"]
+    settings = script().prompt_settings(H.pack_module("xpsr_core.prompts"))
+    assert settings == {name: spec[name][1]["default"] for name in settings}
