@@ -38,9 +38,6 @@ SD15_UNET = {
     "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
     "use_temporal_attention": False, "use_temporal_resblock": False,
 }
-SD15_DIFFUSERS = {"block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "cross_attention_dim": 768,
-                  "attention_head_dim": 8, "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-                  "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3}
 
 
 @register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu)
@@ -84,6 +81,7 @@ def build(pack):
     core = importlib.import_module(f"{pack.__name__}.xpsr_core")
     ConditionalAttention, ControlNetConfig = core.ConditionalAttention, core.ControlNetConfig
     SFAControlNet, UNetConfig = core.SFAControlNet, core.UNetConfig
+    sd15 = importlib.import_module(f"{pack.__name__}.xpsr_core.sd15_configs").UNET
 
     device, offload = mm.get_torch_device(), mm.unet_offload_device()
     config = comfy.supported_models.SD15(dict(SD15_UNET))
@@ -99,9 +97,9 @@ def build(pack):
     nodes_control = pack.nodes.control
     unet_patch = pack.nodes.unet_patch
     attention_fn = sys.modules["comfy.ldm.modules.attention"].optimized_attention
-    xpsr_cn = randomize(SFAControlNet(ControlNetConfig.from_dict(SD15_DIFFUSERS | {"use_lowlevel_prompt": True}),
+    xpsr_cn = randomize(SFAControlNet(ControlNetConfig.from_dict(sd15 | {"use_lowlevel_prompt": True}),
                                       attention=attention_fn), 2)
-    conditional = randomize(ConditionalAttention(UNetConfig.from_dict(SD15_DIFFUSERS), attention=attention_fn), 3)
+    conditional = randomize(ConditionalAttention(UNetConfig.from_dict(sd15), attention=attention_fn), 3)
     xpsr = nodes_control.XPSRControlNet(nodes_control.ControlModel(xpsr_cn, torch.float32), load_device=device)
     patched = unet_patch.patch_model(model, comfy.model_patcher.ModelPatcher(conditional, load_device=device,
                                                                              offload_device=offload))

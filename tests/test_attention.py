@@ -9,12 +9,12 @@ import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
 import torch
 from torch import nn
 
 from parity import ParityFixture
 from xpsr_core import ConditionalAttention, ControlNetConfig, SFAControlNet, UNetConfig, load_checkpoint
+from xpsr_core import sd15_configs
 from xpsr_core.attention import Transformer2D, sdpa_attention
 from xpsr_core.controlnet import semantic_fusion
 
@@ -97,13 +97,9 @@ def test_config_round_trips_through_its_dict(oracle: ParityFixture):
 
 def test_sd15_sized_configs_give_the_official_key_counts():
     """The release: ControlNet 736 tensors (620.2 M params), conditional attention 312 (of the UNet's 998)."""
-    sd15 = dict(block_out_channels=[320, 640, 1280, 1280], layers_per_block=2, cross_attention_dim=768,
-                attention_head_dim=8, norm_num_groups=32,
-                down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"])
     with torch.device("meta"):
-        cn = SFAControlNet(ControlNetConfig.from_dict(sd15 | {"use_lowlevel_prompt": True}))
-        ca = ConditionalAttention(UNetConfig.from_dict(sd15 | {
-            "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3}))
+        cn = SFAControlNet(ControlNetConfig.from_dict(sd15_configs.UNET | {"use_lowlevel_prompt": True}))
+        ca = ConditionalAttention(UNetConfig.from_dict(sd15_configs.UNET))
     assert len(cn.state_dict()) == 736
     assert round(sum(p.numel() for p in cn.parameters()) / 1e6, 1) == 620.2
     assert len(ca.state_dict()) == 312
