@@ -42,7 +42,7 @@ def edit_weights(path: Path, edit) -> None:
 def test_converter_round_trip_keeps_every_tensor(oracle: ParityFixture, tmp_path: Path, dtype: torch.dtype):
     official = load_official(oracle.checkpoint)
     out = tmp_path / "xpsr.safetensors"
-    size = convert_official(oracle.checkpoint, out, dtype)
+    convert_official(oracle.checkpoint, out, dtype)
     loaded = load_checkpoint(out)
     assert loaded.controlnet_config == official.controlnet_config
     assert loaded.unet_config == official.unet_config

@@ -33,7 +33,7 @@ def input_image() -> str:
 
 @pytest.fixture(scope="module")
 def tiny_llm():
-    transformers = pytest.importorskip("transformers")  # noqa: F841
+    pytest.importorskip("transformers")
     import tiny_vlm
 
     base = H.WORK / "models_llm"
