@@ -4,7 +4,7 @@ The official script works on PIL images: LR upscaled by the scale factor (bicubi
 side raised to the processing size when smaller (bilinear), then rounded down to a
 multiple of 8 (bicubic); the result is resized back to exactly LR size x scale at the
 end. PyTorch's antialiased bicubic and bilinear use PIL's kernels, so tensors follow the
-same path without a round trip through 8-bit images.
+same path without a round trip through 8-bit images (``resize`` says what of 8 bits it keeps).
 """
 
 from __future__ import annotations
@@ -26,11 +26,19 @@ def to_rgb(image: torch.Tensor) -> torch.Tensor:
 
 
 def resize(image: torch.Tensor, height: int, width: int, mode: str = "bicubic") -> torch.Tensor:
-    """Resize (B, C, H, W) like PIL's BICUBIC / BILINEAR, clamped to [0, 1] as 8-bit PIL output is."""
+    """Resize (B, C, H, W) in [0, 1] like PIL's BICUBIC / BILINEAR on an 8-bit image.
+
+    PIL resamples horizontally first and stores that pass in 8 bits, so its overshoot at
+    sharp edges is clipped before the vertical pass; clamping between the two passes
+    reproduces that (the rounding to 8 bits is left out: the pipeline stays in float).
+    """
     if image.shape[-2:] == (height, width):
         return image
-    out = F.interpolate(image.float(), size=(height, width), mode=mode, antialias=True, align_corners=False)
-    return out.clamp(0, 1).to(image.dtype)
+    out = image.float()
+    for size in ((out.shape[-2], width), (height, width)):
+        if out.shape[-2:] != size:
+            out = F.interpolate(out, size=size, mode=mode, antialias=True, align_corners=False).clamp(0, 1)
+    return out.to(image.dtype)
 
 
 def processing_steps(height: int, width: int, scale: float, process_size: int) -> list[tuple[int, int, str]]:
