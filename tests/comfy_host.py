@@ -10,6 +10,8 @@ temporary folder holding the fixture converted to the pack's single file.
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import os
 import sys
 import tempfile
@@ -82,15 +84,15 @@ def comfy_unet_config(diffusers_config) -> dict:
     }
 
 
-def make_model() -> comfy.model_patcher.ModelPatcher:
-    """ComfyUI's SD1.5 MODEL with the fixture UNet's stock weights."""
-    fixture = parity_fixture()
-    unet_config = comfy_unet_config(load_official(fixture.checkpoint).unet_config)
+def make_model(checkpoint: Path | None = None) -> comfy.model_patcher.ModelPatcher:
+    """ComfyUI's SD1.5 MODEL in fp32 with the stock weights of an official checkpoint's UNet (the parity fixture's)."""
+    checkpoint = checkpoint or parity_fixture().checkpoint
+    unet_config = comfy_unet_config(load_official(checkpoint).unet_config)
     config = comfy.supported_models.SD15(unet_config)
     config.unet_config["num_heads"] = unet_config["num_heads"]  # SD15 forces 8 heads in its constructor
     config.set_inference_dtype(torch.float32, None)
     base = config.get_model({}, device=mm.unet_offload_device())
-    weights = load_file(fixture.checkpoint / "unet" / "diffusion_pytorch_model.safetensors")
+    weights = load_file(checkpoint / "unet" / "diffusion_pytorch_model.safetensors")
     key_map = comfy.utils.unet_to_diffusers(config.unet_config)
     state = {comfy_key: weights[diffusers_key] for diffusers_key, comfy_key in key_map.items() if diffusers_key in weights}
     missing, unexpected = base.diffusion_model.load_state_dict(state, strict=False)
@@ -115,7 +117,40 @@ def make_vae() -> comfy.sd.VAE:
     return comfy.sd.VAE(sd=sd, config={"params": {"ddconfig": ddconfig, "embed_dim": 4}})
 
 
+def make_clip_from_diffusers(base: Path) -> comfy.sd.CLIP:
+    """ComfyUI's SD1.5 CLIP in fp32 from a diffusers folder's text_encoder/ and tokenizer/ (its own vocabulary)."""
+    config = json.loads((base / "text_encoder" / "config.json").read_text())
+    model_config = {key: config[key] for key in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                                 "num_hidden_layers", "projection_dim", "hidden_act",
+                                                 "max_position_embeddings", "vocab_size")}
+    tokenizer = functools.partial(comfy.sd1_clip.SD1Tokenizer, tokenizer=functools.partial(
+        comfy.sd1_clip.SDTokenizer, tokenizer_path=str(base / "tokenizer"), embedding_size=config["hidden_size"]))
+    target = comfy.supported_models_base.ClipTarget(tokenizer, comfy.sd1_clip.SD1ClipModel)
+    clip = comfy.sd.CLIP(target, model_options={"dtype": torch.float32, "clip_l_model_config": model_config})
+    missing, unexpected = clip.load_sd(load_file(base / "text_encoder" / "model.safetensors"))
+    # transformers' CLIPTextModel has no text projection; SD1.5 uses the hidden states, never the pooled output
+    assert set(missing) <= {"text_projection.weight"} and not unexpected, (missing, unexpected)
+    with torch.no_grad():
+        clip.cond_stage_model.clip_l.transformer.text_projection.weight.zero_()
+    return clip
+
+
+def make_vae_from_diffusers(base: Path) -> comfy.sd.VAE:
+    """ComfyUI's VAE in fp32 from a diffusers folder's vae/ (ComfyUI converts the diffusers keys itself)."""
+    config = json.loads((base / "vae" / "config.json").read_text())
+    ch = config["block_out_channels"][0]
+    ddconfig = {"double_z": True, "z_channels": config["latent_channels"], "resolution": config["sample_size"],
+                "in_channels": config["in_channels"], "out_ch": config["out_channels"], "ch": ch,
+                "ch_mult": [c // ch for c in config["block_out_channels"]],
+                "num_res_blocks": config["layers_per_block"], "attn_resolutions": [], "dropout": 0.0}
+    sd = load_file(base / "vae" / "diffusion_pytorch_model.safetensors")
+    return comfy.sd.VAE(sd=sd, config={"params": {"ddconfig": ddconfig, "embed_dim": config["latent_channels"]}},
+                        dtype=torch.float32)
+
+
 TEST_PACK = textwrap.dedent('''
+    from pathlib import Path
+
     from typing_extensions import override
     from comfy_api.latest import ComfyExtension, io
     import comfy_host
@@ -129,6 +164,18 @@ TEST_PACK = textwrap.dedent('''
         @classmethod
         def execute(cls):
             return io.NodeOutput(comfy_host.make_model(), comfy_host.make_clip(), comfy_host.make_vae())
+
+    class XPSRTestDiffusersSD15(io.ComfyNode):
+        @classmethod
+        def define_schema(cls):
+            return io.Schema(node_id="XPSRTestDiffusersSD15", category="testing",
+                             inputs=[io.String.Input("base"), io.String.Input("checkpoint")],
+                             outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()])
+
+        @classmethod
+        def execute(cls, base, checkpoint):
+            return io.NodeOutput(comfy_host.make_model(Path(checkpoint)), comfy_host.make_clip_from_diffusers(Path(base)),
+                                 comfy_host.make_vae_from_diffusers(Path(base)))
 
     class XPSRTestImage(io.ComfyNode):
         @classmethod
@@ -155,7 +202,7 @@ TEST_PACK = textwrap.dedent('''
     class _Ext(ComfyExtension):
         @override
         async def get_node_list(self):
-            return [XPSRTestTinySD15, XPSRTestImage, XPSRTestLines]
+            return [XPSRTestTinySD15, XPSRTestDiffusersSD15, XPSRTestImage, XPSRTestLines]
 
     async def comfy_entrypoint():
         return _Ext()
