@@ -1,8 +1,36 @@
+import os
+
 import pytest
 
 from parity import ParityFixture, parity_fixture
+
+HOST_SUITES = ("test_host_", "test_browser_")
+"""Test files that need ComfyUI (and, for the browser ones, Chromium); they skip on a contributor's machine."""
 
 
 @pytest.fixture(scope="session")
 def oracle() -> ParityFixture:
     return parity_fixture()
+
+
+def _host_skips(session) -> list:
+    stats = session.config.pluginmanager.get_plugin("terminalreporter").stats
+    return [r for r in stats.get("skipped", []) if os.path.basename(r.fspath).startswith(HOST_SUITES)]
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """With XPSR_REQUIRE_HOST=1 (CI), a host or browser test that skipped did not run: the run fails."""
+    if os.environ.get("XPSR_REQUIRE_HOST") == "1":
+        session.config.xpsr_host_skips = _host_skips(session)
+        if session.config.xpsr_host_skips and exitstatus == 0:
+            session.exitstatus = 1
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    skips = getattr(config, "xpsr_host_skips", [])
+    if skips:
+        terminalreporter.section(f"{len(skips)} host or browser tests skipped while XPSR_REQUIRE_HOST=1: failed",
+                                 red=True)
+        for report in skips:
+            reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr
+            terminalreporter.write_line(f"{report.nodeid}: {reason}")
