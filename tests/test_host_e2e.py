@@ -116,6 +116,15 @@ def test_e2e_draws_are_taken_where_the_official_run_took_them(run):
     assert run["draws_served"] == 2 + case.settings["steps"] - 1
 
 
+def test_e2e_prompt_defaults_are_the_official_ones(official_inputs):
+    prompts = defaults("XPSRDualPromptEncode")
+    for case in map(FIXTURE.case, FIXTURE.case_names):
+        assert prompts["added_prompt"] == FIXTURE.meta["added_prompt"]
+        assert case.settings["prompt_high_full"] == f"{case.settings['high']} {prompts['added_prompt']}"
+        assert (prompts["negative_high"], prompts["negative_low"]) == (case.settings["negative_high"],
+                                                                      case.settings["negative_low"])
+
+
 def test_e2e_prompt_embeddings_match(run):
     case, executor = run["case"], run["executor"]
     (c_h, positive), = H.output(executor, "3", 0)
