@@ -42,8 +42,11 @@ class XPSRApply(io.ComfyNode):
                                tooltip="Sampling progress at which the control ends."),
             ],
             outputs=[
-                io.Conditioning.Output(display_name="positive"),
-                io.Conditioning.Output(display_name="negative"),
+                io.Conditioning.Output(display_name="positive",
+                                       tooltip="The positive conditioning with the XPSR ControlNet attached, "
+                                               "for KSampler or any sampler node."),
+                io.Conditioning.Output(display_name="negative",
+                                       tooltip="The negative conditioning with the XPSR ControlNet attached."),
             ],
         )
 

@@ -146,7 +146,8 @@ class XPSRMLLMLoader(io.ComfyNode):
                                  tooltip="Run the Python code shipped in the model folder (needed e.g. for "
                                          "InternLM-XComposer). Only for folders you trust."),
             ],
-            outputs=[XPSRMLLMType.Output(display_name="mllm")],
+            outputs=[XPSRMLLMType.Output(display_name="mllm",
+                                          tooltip="The MLLM, for XPSR Caption or XPSR Caption Dataset.")],
         )
 
     @classmethod
@@ -167,8 +168,12 @@ class XPSRCaption(io.ComfyNode):
             inputs=[XPSRMLLMType.Input("mllm", tooltip="From XPSR MLLM Loader."),
                     io.Image.Input("image", tooltip="The low-resolution image(s)."),
                     *_instruction_inputs()],
-            outputs=[io.String.Output(display_name="high_level", is_output_list=True, tooltip="One per image."),
-                     io.String.Output(display_name="low_level", is_output_list=True, tooltip="One per image.")],
+            outputs=[io.String.Output(display_name="high_level", is_output_list=True,
+                                     tooltip="The content captions, one per image, for XPSR Dual Prompt Encode's "
+                                             "high_level."),
+                     io.String.Output(display_name="low_level", is_output_list=True,
+                                     tooltip="The quality captions, one per image, for XPSR Dual Prompt Encode's "
+                                             "low_level.")],
         )
 
     @classmethod
@@ -194,7 +199,9 @@ class XPSRCaptionDataset(io.ComfyNode):
                     io.String.Input("dataset", default="", tooltip="The folder that holds LR/ (absolute path)."),
                     io.Boolean.Input("overwrite", default=False, tooltip="Caption images that have captions too."),
                     *_instruction_inputs()],
-            outputs=[io.String.Output(display_name="summary")],
+            outputs=[io.String.Output(display_name="summary",
+                                      tooltip="How many of the dataset's LR images were captioned, for a text "
+                                              "display node.")],
         )
 
     @classmethod

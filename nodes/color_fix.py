@@ -26,7 +26,7 @@ class XPSRColorFix(io.ComfyNode):
                 io.Combo.Input("method", options=list(METHODS), default="adain",
                                tooltip="adain (official): per-channel mean and spread; wavelet: low frequencies."),
             ],
-            outputs=[io.Image.Output(display_name="image")],
+            outputs=[io.Image.Output(display_name="image", tooltip="The image with the reference's colours.")],
         )
 
     @classmethod

@@ -103,8 +103,10 @@ class XPSRDualPromptEncode(io.ComfyNode):
                                        "paper: the low-level prompt is kept in both branches (Eq. 6)."),
             ],
             outputs=[
-                io.Conditioning.Output(display_name="positive"),
-                io.Conditioning.Output(display_name="negative"),
+                io.Conditioning.Output(display_name="positive",
+                                       tooltip="Both prompts of the positive branch, for XPSR Sampler or XPSR Apply."),
+                io.Conditioning.Output(display_name="negative",
+                                       tooltip="Both prompts of the negative branch, for XPSR Sampler or XPSR Apply."),
             ],
         )
 

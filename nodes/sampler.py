@@ -109,8 +109,9 @@ class XPSRSampler(io.ComfyNode):
                                tooltip="Restore the LR image's colours: adain (official), wavelet, or none."),
             ],
             outputs=[
-                io.Image.Output(display_name="image", tooltip="LR size x scale."),
-                io.Latent.Output(display_name="latent", tooltip="The sampled latent at the processing size."),
+                io.Image.Output(display_name="image", tooltip="The restored image, exactly LR size x scale."),
+                io.Latent.Output(display_name="latent",
+                                 tooltip="The sampled latent at the processing size, e.g. for Save Latent."),
             ],
         )
 
