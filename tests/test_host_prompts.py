@@ -90,11 +90,17 @@ def test_sdxl_style_clip_is_refused(clip):
 
 
 def test_one_prompt_per_image_gives_a_batched_conditioning(clip):
-    positive, negative = encoded(clip, high_level=["a cat", "a dog", "a bird"], low_level="sharp")
+    """Row i of every embedding, in both branches, is image i's prompts encoded alone."""
+    high, low = ["a cat", "a dog", "a bird"], ["sharp", "blurry", "noisy"]
+    positive, negative = encoded(clip, high_level=high, low_level=low)
     assert positive[0][0].shape[0] == 3 and lowlevel(positive).shape[0] == 3
-    assert negative[0][0].shape[0] == 3
-    single, _ = encoded(clip, high_level="a dog")
-    torch.testing.assert_close(positive[0][0][1:2], single[0][0])
+    assert negative[0][0].shape[0] == 3 and lowlevel(negative).shape[0] == 3
+    for i in range(3):
+        alone_positive, alone_negative = encoded(clip, high_level=high[i], low_level=low[i])
+        torch.testing.assert_close(positive[0][0][i:i + 1], alone_positive[0][0])
+        torch.testing.assert_close(lowlevel(positive)[i:i + 1], lowlevel(alone_positive))
+        torch.testing.assert_close(negative[0][0][i:i + 1], alone_negative[0][0])
+        torch.testing.assert_close(lowlevel(negative)[i:i + 1], lowlevel(alone_negative))
 
 
 def test_prompt_lists_of_different_lengths_are_refused(clip):
