@@ -9,7 +9,8 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 import comfy_host as H  # skips this module without COMFYUI_PATH
-from parity import parity_fixture
+import graph_references as R
+from parity import assert_parity, parity_fixture
 
 _FRESH_SEEDS = itertools.count(1000)
 
@@ -25,20 +26,20 @@ def still_serving() -> None:
     H.run_ok(H.graph(seed=next(_FRESH_SEEDS)))
 
 
-def per_image_prompts(prompts: str, images: int) -> dict:
-    prompt = H.graph(height=16, width=16, batch=images, scale=2.0)
-    prompt["7"] = {"class_type": "XPSRTestLines", "inputs": {"text": prompts}}
-    prompt["3"]["inputs"]["high_level"] = ["7", 0]
-    return prompt
-
-
 def test_one_prompt_per_image_restores_each_image_with_its_own_prompt():
-    executor, _ = H.run_ok(per_image_prompts("a cat|a dog|a house", 3))
-    assert H.output(executor, "5").shape == (3, 32, 32, 3)
+    """Changing image 2's prompt changes image 2 alone; the run itself matches its stored reference."""
+    executor = R.run_graph("per_image_prompts")  # "a red brick wall|a green field|a blue sky"
+    image = H.output(executor, "5")
+    assert image.shape == (3, 32, 32, 3)
+    R.assert_matches_reference("per_image_prompts", executor)
+    changed, _ = H.run_ok(R.per_image_prompts("a red brick wall|a green field|a green field", 3))
+    changed = H.output(changed, "5")
+    assert_parity(changed[:2], image[:2], "images 0 and 1, whose prompts did not change")
+    assert (changed[2] - image[2]).abs().max() > 1e-2, "image 2 did not follow its new prompt"
 
 
 def test_prompts_that_do_not_match_the_batch_are_refused():
-    fails_with(per_image_prompts("a cat|a dog", 3),
+    fails_with(R.per_image_prompts("a cat|a dog", 3),
                "positive conditioning holds 2 prompts but the image batch has 3 images")
     still_serving()
 

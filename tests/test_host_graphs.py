@@ -1,4 +1,7 @@
-"""Whole graphs in ComfyUI's executor: sizes, tiling, model management, chaining with KSampler, interrupts."""
+"""Whole graphs in ComfyUI's executor: sizes, tiling, model management, chaining with KSampler, interrupts.
+
+Sampler outputs are compared with stored references (graph_references.py says how to re-record them).
+"""
 
 from __future__ import annotations
 
@@ -8,16 +11,18 @@ import torch
 import comfy_host as H  # skips this module without COMFYUI_PATH
 import comfy.model_management as mm
 import comfy.utils
+import graph_references as R
 
 
-@pytest.mark.parametrize("tile_size", [320, 8], ids=["whole", "tiled"])
-def test_graph_upscales_37x53_to_exactly_148x212(tile_size: int):
-    executor, _ = H.run_ok(H.graph(tile_size=tile_size, tile_overlap=2))
+@pytest.mark.parametrize("graph", ["whole", "tiled"])
+def test_graph_upscales_37x53_to_exactly_148x212(graph: str):
+    executor = R.run_graph(graph)
     image = H.output(executor, "5")
     assert image.shape == (1, 148, 212, 3)
     assert torch.isfinite(image).all() and 0 <= image.min() and image.max() <= 1
     latent = H.output(executor, "5", 1)["samples"]
     assert latent.shape == (1, 4, 18, 26) and torch.isfinite(latent).all()
+    R.assert_matches_reference(graph, executor)
 
 
 def test_tiling_changes_the_computation_but_not_the_shape():
@@ -29,20 +34,25 @@ def test_tiling_changes_the_computation_but_not_the_shape():
 
 @pytest.mark.parametrize("channels", [1, 2, 4], ids=["gray", "gray_alpha", "rgba"])
 def test_any_channel_layout_gives_rgb(channels: int):
-    image = H.output(H.run_ok(H.graph(height=16, width=24, channels=channels, scale=2.0))[0], "5")
-    assert image.shape == (1, 32, 48, 3)
+    executor = R.run_graph(f"channels_{channels}")
+    assert H.output(executor, "5").shape == (1, 32, 48, 3)
+    R.assert_matches_reference(f"channels_{channels}", executor)
 
 
 def test_image_batch_keeps_every_image():
-    image = H.output(H.run_ok(H.graph(height=16, width=20, batch=3, scale=2.0))[0], "5")
+    executor = R.run_graph("batch_of_3")
+    image = H.output(executor, "5")
     assert image.shape == (3, 32, 40, 3)
     assert not torch.allclose(image[0], image[1])
+    R.assert_matches_reference("batch_of_3", executor)
 
 
 @pytest.mark.parametrize("start", ["official", "noise", "img2img"])
 def test_every_start_and_a_comfy_scheduler_run(start: str):
-    image = H.output(H.run_ok(H.graph(start=start, denoise=0.5, sampler_name="euler", scheduler="karras"))[0], "5")
+    executor = R.run_graph(f"start_{start}")
+    image = H.output(executor, "5")
     assert image.shape == (1, 148, 212, 3) and torch.isfinite(image).all()
+    R.assert_matches_reference(f"start_{start}", executor)
 
 
 def test_official_schedule_is_951_to_1_for_20_steps():
@@ -143,11 +153,10 @@ def test_bad_node_input_fails_the_prompt_and_the_server_keeps_serving():
 
 @pytest.mark.parametrize("weight_dtype", ["fp16", "bf16", "fp32"])
 def test_weight_dtypes_load_and_sample(weight_dtype: str):
-    prompt = H.graph(seed=41)
-    prompt["2"]["inputs"]["weight_dtype"] = weight_dtype
-    executor, _ = H.run_ok(prompt)
+    executor = R.run_graph(f"weights_{weight_dtype}")
     image = H.output(executor, "5")
     assert image.shape == (1, 148, 212, 3) and torch.isfinite(image).all()
+    R.assert_matches_reference(f"weights_{weight_dtype}", executor)
     control = H.output(executor, "2", 1)
     expected = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[weight_dtype]
     assert {p.dtype for p in control.control_model.parameters()} == {expected}
@@ -179,8 +188,10 @@ def test_xpsr_controlnet_survives_copy():
 
 
 def test_tiled_vae_and_wavelet_colour_fix_run():
-    image = H.output(H.run_ok(H.graph(seed=61, vae_tiling="on", color_fix="wavelet"))[0], "5")
+    executor = R.run_graph("tiled_vae_wavelet")
+    image = H.output(executor, "5")
     assert image.shape == (1, 148, 212, 3) and torch.isfinite(image).all()
+    R.assert_matches_reference("tiled_vae_wavelet", executor)
 
 
 def test_latent_previews_are_sent_with_progress(monkeypatch):
