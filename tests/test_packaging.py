@@ -19,8 +19,8 @@ else:  # the pack supports Python 3.10, where tomllib's predecessor is the tomli
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-RUNTIME = ("__init__.py", "nodes/", "xpsr_core/", "workflows/", "configs/", "scripts/", "benchmarks/", "README.md",
-           "LICENSE", "pyproject.toml", "requirements.txt")
+RUNTIME = ("__init__.py", "nodes/", "xpsr_core/", "web/", "workflows/", "configs/", "scripts/", "benchmarks/",
+           "README.md", "LICENSE", "pyproject.toml", "requirements.txt")
 """What ComfyUI needs to run the pack, its workflows and its commands: every tracked file here is shipped."""
 
 
