@@ -4,6 +4,9 @@ ComfyUI imports this file and awaits ``comfy_entrypoint``; the nodes (and ComfyU
 modules) are imported only then, so the package stays importable without ComfyUI.
 """
 
+# The frontend extension that labels the prompt boxes of XPSR Dual Prompt Encode.
+WEB_DIRECTORY = "./web"
+
 
 async def comfy_entrypoint():
     from .nodes import XPSRExtension
