@@ -16,26 +16,58 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Workflow.ShowMissingModelsWarning": False}
+# No first-run dialogs; no minimap over the screenshots.
+SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Workflow.ShowMissingModelsWarning": False,
+            "Comfy.Minimap.Visible": False}
 SPY = """app.registerExtension({name: 'xpsr.test.missingSpy', async afterConfigureGraph(missing) {
     window.__missing = JSON.parse(JSON.stringify(missing || [])); }});"""
+# Records every toast as it appears: PrimeVue's (frontend 1.27) and reka-ui's (newer frontends).
+TOAST = ".p-toast-message, [data-testid='toast']"
+TOAST_SPY = """window.__toasts = [];
+new MutationObserver(records => { for (const r of records) for (const n of r.addedNodes) {
+    if (!(n instanceof Element)) continue;
+    for (const t of [n, ...n.querySelectorAll(%(toast)r)])
+        if (t.matches(%(toast)r)) window.__toasts.push(t);  // read when taken: the content may come later
+} }).observe(document, {childList: true, subtree: true});""" % {"toast": TOAST}
+# Newer frontends list a graph's errors (missing models, invalid values...) in an overlay instead of toasts.
+ERROR_OVERLAY = "[data-testid='error-overlay']"
+# Nodes saved smaller than the frontend's own minimum size for them (LGraphNode.computeSize).
+CRAMPED = """() => app.graph.nodes.filter(n => { const [w, h] = n.computeSize(); return n.size[0] < w || n.size[1] < h; })
+    .map(n => `${n.type}: ${n.size.map(Math.round)} < ${n.computeSize().map(Math.round)}`)"""
+# Widgets whose label and value do not both fit, by the rule LiteGraph's BaseWidget.drawTruncatingText applies
+# before it shortens them (default paddings, the widget's own margin and gap, the canvas's widget font).
+TRUNCATED = """() => {
+    const ctx = document.createElement('canvas').getContext('2d');
+    ctx.font = app.canvas.inner_text_font;
+    return app.graph.nodes.flatMap(n => (n.widgets || []).filter(w => ['combo', 'number', 'text'].includes(w.type))
+        .map(w => {
+            const {margin, labelValueGap} = w.constructor;
+            const available = (w.width || n.size[0]) - (margin * 2 + 5) - 2 * margin - 20;
+            const needed = ctx.measureText(w.displayName).width + labelValueGap + ctx.measureText(w._displayValue).width;
+            return needed > available ? `${n.type}.${w.name}: needs ${Math.ceil(needed)} px, has ${available}` : null;
+        }).filter(Boolean));
+}"""
 FIT_VIEW = """() => {
     let [x0, y0, x1, y1] = [Infinity, Infinity, -Infinity, -Infinity];
     for (const n of app.graph.nodes) {
         x0 = Math.min(x0, n.pos[0]); y0 = Math.min(y0, n.pos[1] - 30);
         x1 = Math.max(x1, n.pos[0] + n.size[0]); y1 = Math.max(y1, n.pos[1] + n.size[1]);
     }
-    const c = app.canvas;
-    const scale = Math.min(c.canvas.width / (x1 - x0 + 80), c.canvas.height / (y1 - y0 + 80), 1.2);
+    // margins clear of the panels newer frontends float over the canvas (sidebar, tabs, run button)
+    const [left, top, right, bottom] = [80, 110, 40, 40];
+    const c = app.canvas, width = c.canvas.width / devicePixelRatio, height = c.canvas.height / devicePixelRatio;
+    const scale = Math.min((width - left - right) / (x1 - x0), (height - top - bottom) / (y1 - y0), 1.2);
     c.ds.scale = scale;
-    c.ds.offset = [40 / scale - x0, 40 / scale - y0];
+    c.ds.offset = [left / scale - x0, top / scale - y0];
     c.setDirty(true, true);
 }"""
 
@@ -72,8 +104,15 @@ def _wait(url: str, seconds: float) -> None:
 
 
 @contextmanager
-def comfy_server(base: Path) -> Iterator[str]:
-    """ComfyUI's server with the pack in ``base``/custom_nodes; yields its URL."""
+def comfy_server(base: Path, front_end_root: Path | None = None, model_files: Iterable[str] = ()) -> Iterator[str]:
+    """ComfyUI's server with the pack in ``base``/custom_nodes; yields its URL.
+
+    ``front_end_root`` serves another frontend build (ComfyUI's ``--front-end-root``) instead of the pinned one.
+    ``model_files`` (paths under ``models/``) are created empty: they stand for the files a user has downloaded,
+    which the frontend lists (and newer frontends flag as missing when absent); nothing reads them.
+    """
+    if front_end_root is not None and not (Path(front_end_root) / "index.html").is_file():
+        raise FileNotFoundError(f"{front_end_root} is not a ComfyUI frontend build: it has no index.html")
     (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
     link = base / "custom_nodes" / "comfyui-xpsr"
     if not link.exists():
@@ -81,12 +120,20 @@ def comfy_server(base: Path) -> Iterator[str]:
     user = base / "user" / "default"
     user.mkdir(parents=True, exist_ok=True)
     (user / "comfy.settings.json").write_text(json.dumps(SETTINGS))
+    for name in model_files:
+        (base / "models" / name).parent.mkdir(parents=True, exist_ok=True)
+        (base / "models" / name).touch()
+    shipped = Path(os.environ["COMFYUI_PATH"]) / "input" / "example.png"
+    if shipped.is_file():  # a fresh install has it, and the workflows' Load Image shows it
+        (base / "input").mkdir(exist_ok=True)
+        shutil.copy(shipped, base / "input" / "example.png")
     port = _free_port()
     log = open(base / "server.log", "w")
+    frontend = ["--front-end-root", str(front_end_root)] if front_end_root is not None else []
     server = subprocess.Popen(
         [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
-         "--base-directory", str(base)], cwd=os.environ["COMFYUI_PATH"], stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True)
+         "--base-directory", str(base), *frontend], cwd=os.environ["COMFYUI_PATH"], stdout=log,
+        stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait(f"{url}/system_stats", 120)
@@ -97,9 +144,91 @@ def comfy_server(base: Path) -> Iterator[str]:
         log.close()
 
 
+@dataclass(frozen=True)
+class Ignored:
+    """Problems the host causes, not the pack: each named exactly, so that anything else fails the check.
+
+    ``requests``: URL prefixes (a path with its query on the server, the whole URL elsewhere) whose failures and
+    "Failed to load resource" console errors are expected; ``console_errors``: first lines of expected console
+    errors; ``page_errors``: exact messages of expected uncaught errors.
+    """
+
+    requests: tuple[str, ...] = ()
+    console_errors: tuple[str, ...] = ()
+    page_errors: tuple[str, ...] = ()
+
+    def __add__(self, other: Ignored) -> Ignored:
+        return Ignored(self.requests + other.requests, self.console_errors + other.console_errors,
+                       self.page_errors + other.page_errors)
+
+    def request(self, url: str) -> bool:
+        parts = urllib.parse.urlsplit(url)
+        if parts.hostname in ("127.0.0.1", "localhost"):
+            target = parts.path + (f"?{parts.query}" if parts.query else "")
+        else:
+            target = f"{parts.scheme}://{parts.netloc}{parts.path}"
+        return target.startswith(self.requests)
+
+
+class Problems:
+    """Everything the page reported that a user would see as an error: native dialogs (alert, confirm, prompt),
+    console errors, uncaught page errors, failed requests and HTTP errors, less the ``Ignored`` ones."""
+
+    def __init__(self, page, ignored: Ignored) -> None:
+        self.ignored = ignored
+        self.seen: list[str] = []
+        page.on("dialog", self._dialog)
+        page.on("console", self._console)
+        page.on("pageerror", self._page_error)
+        page.on("response", self._response)
+        page.on("requestfailed", self._request_failed)
+
+    def take(self) -> list[str]:
+        """The problems seen since the last call."""
+        seen, self.seen = self.seen, []
+        return seen
+
+    def _dialog(self, dialog) -> None:
+        self.seen.append(f"native {dialog.type}: {dialog.message}")
+        dialog.dismiss()
+
+    def _console(self, message) -> None:
+        if message.type != "error":
+            return
+        url = (message.location or {}).get("url", "")
+        first_line = message.text.split("\n", 1)[0]
+        if first_line.startswith("Failed to load resource") and self.ignored.request(url):
+            return
+        if first_line not in self.ignored.console_errors:
+            self.seen.append(f"console error: {message.text} ({url})")
+
+    def _page_error(self, error) -> None:
+        if error.message not in self.ignored.page_errors:
+            self.seen.append(f"page error: {error.message}")
+
+    def _response(self, response) -> None:
+        if response.status >= 400 and not self.ignored.request(response.url):
+            self.seen.append(f"HTTP {response.status}: {response.request.method} {response.url}")
+
+    def _request_failed(self, request) -> None:
+        if not self.ignored.request(request.url):
+            self.seen.append(f"request failed: {request.method} {request.url} ({request.failure})")
+
+
+@dataclass
+class FrontendPage:
+    """A ready page on ComfyUI's frontend and the problems it reports."""
+
+    page: object
+    problems: Problems
+    version: str
+    startup: dict
+
+
 @contextmanager
-def chromium_page(url: str) -> Iterator:
-    """A Playwright page on ComfyUI's frontend, ready (app set up, graph canvas painted)."""
+def chromium_page(url: str, ignored: Ignored = Ignored()) -> Iterator[FrontendPage]:
+    """A Playwright page on ComfyUI's frontend, ready (app set up, graph canvas painted), watched for problems
+    from before the first request."""
     from playwright.sync_api import sync_playwright
 
     port = _free_port()
@@ -114,12 +243,16 @@ def chromium_page(url: str) -> Iterator:
         _wait(f"http://127.0.0.1:{port}/json/version", 30)
         with sync_playwright() as p:
             page = p.chromium.connect_over_cdp(f"http://127.0.0.1:{port}").contexts[0].pages[0]
+            problems = Problems(page, ignored)
+            page.add_init_script(TOAST_SPY)
             page.set_viewport_size({"width": 1600, "height": 1000})
             page.goto(url)
             page.wait_for_function("() => window.app && window.app.graph && window.app.canvas && "
                                    "document.querySelector('#graph-canvas')", timeout=120_000)
             page.evaluate(SPY)
-            yield page
+            page.wait_for_timeout(1000)
+            startup = {"toasts": take_toasts(page), "problems": problems.take()}
+            yield FrontendPage(page, problems, page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__"), startup)
     finally:
         os.killpg(browser.pid, signal.SIGTERM)
         browser.wait(30)
@@ -133,8 +266,21 @@ def _settle(page) -> None:
         page.wait_for_timeout(100)
 
 
-def load_workflow(page, workflow: dict) -> dict:
-    """Load a UI-format workflow; report missing node types and broken nodes as the frontend sees them."""
+def take_toasts(page) -> list[str]:
+    """The text of every toast shown since the last call; the toasts still open are closed."""
+    return page.evaluate("""() => {
+        const toasts = window.__toasts.splice(0).map(t => t.textContent.trim()).filter(Boolean), store = app.extensionManager.toast;
+        (store.dismissAll ?? store.removeAll).call(store);
+        return toasts;
+    }""")
+
+
+def load_workflow(frontend: FrontendPage, workflow: dict) -> dict:
+    """Load a UI-format workflow; report what a user would see go wrong: missing node types and broken nodes as
+    the frontend sees them, dialogs, toasts and the page's problems (``Problems``)."""
+    page = frontend.page
+    take_toasts(page)
+    frontend.problems.take()
     page.evaluate("() => { window.__missing = null; }")
     page.evaluate("(wf) => window.app.loadGraphData(wf, true, true, null, {showMissingModelsDialog: false})", workflow)
     page.wait_for_function("() => window.__missing !== null", timeout=30_000)
@@ -143,8 +289,13 @@ def load_workflow(page, workflow: dict) -> dict:
         missing: window.__missing,
         unregistered: app.graph.nodes.map(n => n.type).filter(t => !(t in LiteGraph.registered_node_types)),
         broken: app.graph.nodes.filter(n => n.has_errors).map(n => n.type),
-        dialog: !!document.querySelector('.comfy-missing-nodes'),
-    })""")
+        dialogs: [...document.querySelectorAll('.p-dialog')].map(d => d.innerText.trim().split('\\n')[0]),
+        errors: [...document.querySelectorAll(%r)].filter(e => e.offsetHeight > 0).map(e => e.innerText.trim()),
+    })""" % ERROR_OVERLAY)
+    report["cramped"] = page.evaluate(CRAMPED)
+    report["truncated"] = page.evaluate(TRUNCATED)
+    report["toasts"] = take_toasts(page)
+    report["problems"] = frontend.problems.take()
     _settle(page)
     return report
 
@@ -161,3 +312,16 @@ def screenshot(page, path: Path) -> None:
     page.evaluate(FIT_VIEW)
     _settle(page)
     page.locator("#graph-canvas").screenshot(path=str(path))
+
+
+def prompt_labels(page) -> dict[str, str | None]:
+    """The label shown on each prompt box of the graph's first XPSR Dual Prompt Encode that the frontend shows,
+    by input name (None where a shown box has no visible label)."""
+    return page.evaluate("""() => {
+        const node = app.graph.nodes.find(n => n.type === 'XPSRDualPromptEncode');
+        return Object.fromEntries(node.widgets.filter(w => w.element instanceof HTMLTextAreaElement &&
+                                                          w.element.offsetHeight > 0).map(w => {
+            const label = w.element.parentElement?.querySelector(':scope > .xpsr-prompt-label');
+            return [w.name, label && label.offsetHeight > 0 ? label.textContent : null];
+        }));
+    }""")

@@ -1,12 +1,16 @@
-"""ComfyUI's own server and frontend load every example workflow with no missing or broken node.
+"""ComfyUI's own server and frontend load every example workflow as a new user sees it: no alert, toast,
+dialog, console error, page error, failed request, missing or broken node; in the frontend ComfyUI pins
+and in the newest one.
 
-Runs where COMFYUI_PATH, Debian's Chromium and playwright exist (skips with the reason
-otherwise). Screenshots go to tests/output/browser/.
+Runs where COMFYUI_PATH, Debian's Chromium and playwright exist (skips with the reason otherwise); the
+newest frontend's build directory comes from XPSR_NEWEST_FRONTEND (its tests skip when that is unset).
+Screenshots go to tests/output/browser/<frontend>-<workflow>.png.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import urllib.request
 from pathlib import Path
 
@@ -19,17 +23,57 @@ pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
 
 WORKFLOWS = sorted((browser.REPO / "workflows").glob("*.json"))
 SCREENSHOTS = browser.REPO / "tests" / "output" / "browser"
+PINNED, NEWEST = "pinned", "newest"
+# The files the README tells a user to download, as the workflows name them.
+MODEL_FILES = ("checkpoints/v1-5-pruned-emaonly.safetensors", "xpsr/xpsr_fp16.safetensors")
+
+# A fresh, offline ComfyUI install, whatever the frontend.
+OFFLINE_HOST = browser.Ignored(
+    requests=(
+        "/user.css", "/api/userdata/user.css",  # no user stylesheet
+        "/favicon.ico",  # ComfyUI serves none
+        "/api/userdata?dir=workflows&", "/api/userdata?dir=subgraphs",  # no saved workflows or subgraphs yet
+        "/api/userdata/comfy.templates.json",  # no saved templates yet
+        "https://api.comfy.org/releases",  # the update check, offline
+    ),
+    # a settings onChange of frontend 1.27.10 on startup (browser_check.md, pitfall 4)
+    page_errors=("Cannot read properties of undefined (reading 'id')",),
+)
+# Routes newer frontends call that ComfyUI 0.3.64 does not have (404), and what the newest frontend logs about them.
+NEWER_THAN_HOST = browser.Ignored(
+    requests=(
+        "/api/jobs?",  # the jobs API (queue and history)
+        "/api/global_subgraphs",  # blueprint subgraphs
+        "https://huggingface.co/Comfy-Org/z_image_turbo/",  # its default graph's model check, offline
+    ),
+    console_errors=(
+        "[Jobs API] Error fetching jobs: JobsApiError: Failed to fetch jobs: 404",
+        "Failed to fetch queue: JobsApiError: Failed to fetch jobs: 404",
+    ),
+)
+
+
+@pytest.fixture(scope="module", params=[PINNED, NEWEST])
+def frontend(request) -> str:
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with browser.comfy_server(tmp_path_factory.mktemp("comfy_base")) as url:
+def server(frontend, tmp_path_factory):
+    root = None
+    if frontend == NEWEST:
+        if not os.environ.get("XPSR_NEWEST_FRONTEND"):
+            pytest.skip("XPSR_NEWEST_FRONTEND is not set: it names the newest frontend's build directory "
+                        "(comfyui_frontend_package/static)")
+        root = Path(os.environ["XPSR_NEWEST_FRONTEND"])
+    with browser.comfy_server(tmp_path_factory.mktemp(f"comfy_base_{frontend}"), root, MODEL_FILES) as url:
         yield url
 
 
 @pytest.fixture(scope="module")
-def page(server):
-    with browser.chromium_page(server) as page:
+def page(server, frontend):
+    ignored = OFFLINE_HOST + NEWER_THAN_HOST if frontend == NEWEST else OFFLINE_HOST
+    with browser.chromium_page(server, ignored) as page:
         yield page
 
 
@@ -40,17 +84,61 @@ def test_server_lists_the_pack_and_its_workflows(server):
     assert sorted(templates["comfyui-xpsr"]) == sorted(w.stem for w in WORKFLOWS)
 
 
+def test_the_frontend_starts_without_problems(page, frontend):
+    assert (page.version == "1.27.10") == (frontend == PINNED), page.version
+    assert page.startup == {"toasts": [], "problems": []}
+
+
+PROMPTS = ["high_level", "low_level", "added_prompt", "negative_high", "negative_low"]
+CLEAN = {"missing": [], "unregistered": [], "broken": [], "dialogs": [], "errors": [], "toasts": [], "problems": [],
+         "cramped": [], "truncated": []}
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
-def test_workflow_loads_in_the_frontend_without_missing_nodes(page, path: Path):
+def test_workflow_loads_without_problems(page, frontend, path: Path):
+    """Nothing goes wrong, and every node is at least as large as the frontend needs to show all of its widgets
+    and every widget's label and value in full."""
     report = browser.load_workflow(page, json.loads(path.read_text()))
-    assert report == {"missing": [], "unregistered": [], "broken": [], "dialog": False}
+    assert report == CLEAN
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    browser.screenshot(page, SCREENSHOTS / f"{path.stem}.png")
-    assert (SCREENSHOTS / f"{path.stem}.png").stat().st_size > 10_000
+    shot = SCREENSHOTS / f"{frontend}-{path.stem}.png"
+    browser.screenshot(page.page, shot)
+    assert shot.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_every_prompt_box_is_labelled_while_filled(page, path: Path):
+    """Each prompt box the frontend shows names its prompt; a box whose input is linked may be hidden."""
+    workflow = json.loads(path.read_text())
+    encode = next(n for n in workflow["nodes"] if n["type"] == "XPSRDualPromptEncode")
+    encode["widgets_values"][:len(PROMPTS)] = [f"typed {name}" for name in PROMPTS]
+    linked = {i["name"] for i in encode["inputs"] if i.get("link") is not None}
+    browser.load_workflow(page, workflow)
+    labels = browser.prompt_labels(page.page)
+    assert {name: labels.get(name) for name in PROMPTS if name not in linked} == {
+        name: name for name in PROMPTS if name not in linked}
+    assert all(labels.get(name) in (None, name) for name in linked)
 
 
 def test_a_missing_node_is_detected(page):
     workflow = json.loads(WORKFLOWS[0].read_text())
     workflow["nodes"][0]["type"] = "XPSRDoesNotExist"
     report = browser.load_workflow(page, workflow)
-    assert "XPSRDoesNotExist" in json.dumps(report["missing"]) and report["dialog"]
+    assert "XPSRDoesNotExist" in json.dumps(report["missing"]) and report["unregistered"] == ["XPSRDoesNotExist"]
+
+
+@pytest.mark.parametrize("frontend", [PINNED], indirect=True)
+def test_a_workflow_the_pinned_frontend_rejects_is_detected(page):
+    """Null where the workflow schema of frontend 1.27.10 expects a list: its zod alert (newer frontends accept it)."""
+    workflow = json.loads(WORKFLOWS[0].read_text()) | {"floatingLinks": None}
+    assert "Invalid workflow against zod schema" in "".join(browser.load_workflow(page, workflow)["toasts"])
+
+
+def test_toasts_and_alerts_are_detected(page):
+    page.page.evaluate("""() => {
+        app.extensionManager.toast.add({severity: 'error', summary: 'XPSR test toast', detail: 'shown'});
+        setTimeout(() => window.alert('XPSR test alert'));
+    }""")
+    page.page.wait_for_timeout(500)
+    assert [toast for toast in browser.take_toasts(page.page) if "XPSR test toast" in toast]
+    assert page.problems.take() == ["native alert: XPSR test alert"]
