@@ -41,7 +41,7 @@ new MutationObserver(records => { for (const r of records) for (const n of r.add
 # Newer frontends list a graph's errors (missing models, invalid values...) in an overlay instead of toasts.
 ERROR_OVERLAY = "[data-testid='error-overlay']"
 # Nodes saved smaller than the frontend's own minimum size for them (LGraphNode.computeSize).
-CRAMPED = """() => app.graph.nodes.filter(n => { const [w, h] = n.computeSize(); return n.size[0] < w || n.size[1] < h; })
+CRAMPED = """() => app.graph.nodes.filter(n => n.size[0] < n.computeSize()[0] || n.size[1] < n.computeSize()[1])
     .map(n => `${n.type}: ${n.size.map(Math.round)} < ${n.computeSize().map(Math.round)}`)"""
 # Widgets whose label and value do not both fit, by the rule LiteGraph's BaseWidget.drawTruncatingText applies
 # before it shortens them (default paddings, the widget's own margin and gap, the canvas's widget font).
@@ -51,8 +51,10 @@ TRUNCATED = """() => {
     return app.graph.nodes.flatMap(n => (n.widgets || []).filter(w => ['combo', 'number', 'text'].includes(w.type))
         .map(w => {
             const {margin, labelValueGap} = w.constructor;
+            if (typeof margin !== 'number') return `${n.type}.${w.name}: not a LiteGraph widget, cannot measure`;
             const available = (w.width || n.size[0]) - (margin * 2 + 5) - 2 * margin - 20;
-            const needed = ctx.measureText(w.displayName).width + labelValueGap + ctx.measureText(w._displayValue).width;
+            const needed = ctx.measureText(w.displayName).width + labelValueGap +
+                ctx.measureText(w._displayValue).width;
             return needed > available ? `${n.type}.${w.name}: needs ${Math.ceil(needed)} px, has ${available}` : null;
         }).filter(Boolean));
 }"""
@@ -250,7 +252,7 @@ def chromium_page(url: str, ignored: Ignored = Ignored()) -> Iterator[FrontendPa
             page.wait_for_function("() => window.app && window.app.graph && window.app.canvas && "
                                    "document.querySelector('#graph-canvas')", timeout=120_000)
             page.evaluate(SPY)
-            page.wait_for_timeout(1000)
+            page.wait_for_timeout(1000)  # the startup requests (settings, templates, update check) end
             startup = {"toasts": take_toasts(page), "problems": problems.take()}
             yield FrontendPage(page, problems, page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__"), startup)
     finally:
@@ -269,7 +271,8 @@ def _settle(page) -> None:
 def take_toasts(page) -> list[str]:
     """The text of every toast shown since the last call; the toasts still open are closed."""
     return page.evaluate("""() => {
-        const toasts = window.__toasts.splice(0).map(t => t.textContent.trim()).filter(Boolean), store = app.extensionManager.toast;
+        const toasts = window.__toasts.splice(0).map(t => t.textContent.trim()).filter(Boolean);
+        const store = app.extensionManager.toast;
         (store.dismissAll ?? store.removeAll).call(store);
         return toasts;
     }""")
@@ -277,7 +280,8 @@ def take_toasts(page) -> list[str]:
 
 def load_workflow(frontend: FrontendPage, workflow: dict) -> dict:
     """Load a UI-format workflow; report what a user would see go wrong: missing node types and broken nodes as
-    the frontend sees them, dialogs, toasts and the page's problems (``Problems``)."""
+    the frontend sees them, dialogs, error overlays, toasts, the page's problems (``Problems``), nodes smaller than
+    the frontend's minimum (``CRAMPED``) and widgets whose label or value is cut short (``TRUNCATED``)."""
     page = frontend.page
     take_toasts(page)
     frontend.problems.take()
