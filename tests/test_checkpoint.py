@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from parity import ParityFixture
 from xpsr_core import CheckpointError, convert_official, load_checkpoint
-from xpsr_core.checkpoint import (CONDITIONAL_PREFIX, CONTROLNET_PREFIX, load_official, save_single_file,
+from xpsr_core.checkpoint import (CONDITIONAL_PREFIX, CONTROLNET_PREFIX, build_models, load_official, save_single_file,
                                   single_file_metadata)
 from xpsr_core.safetensors_io import read_header
 
@@ -108,6 +108,14 @@ def test_save_single_file_round_trip(oracle: ParityFixture, tmp_path: Path):
     again = load_checkpoint(tmp_path / "a.safetensors", dtype=torch.float32)
     k = next(iter(official.controlnet))
     assert torch.equal(again.controlnet[k], official.controlnet[k].to(torch.bfloat16).float())
+
+
+def test_built_modules_own_aligned_weights(oracle: ParityFixture, tmp_path: Path):
+    """Not views into the file's buffer: unaligned weights make CPU kernels round differently (and run slower)."""
+    convert_official(oracle.checkpoint, tmp_path / "x.safetensors")
+    for ckpt in (load_official(oracle.checkpoint), load_checkpoint(tmp_path / "x.safetensors")):
+        for module in build_models(ckpt):
+            assert all(p.data_ptr() % 64 == 0 for p in module.parameters())
 
 
 def test_folder_of_checkpoints_points_at_one(oracle: ParityFixture, tmp_path: Path):

@@ -300,10 +300,13 @@ def build_models(ckpt: XPSRCheckpoint, *, attention: AttentionFunction = sdpa_at
     """The ControlNet and the conditional attention with the checkpoint's weights.
 
     Modules are built on the meta device and take the (cast) tensors as their parameters,
-    so no memory is spent on an initialisation that is thrown away.
+    so no memory is spent on an initialisation that is thrown away. Each tensor gets an
+    allocation of its own: a tensor read from a safetensors file is a view into the file's
+    buffer at an offset the header decides, and CPU kernels take other paths (with other
+    rounding) on such unaligned weights than on the same weights freshly allocated.
     """
     def load(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-        state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+        state = {k: v.to(device=device, dtype=dtype, copy=True) for k, v in state.items()}
         module.load_state_dict(state, strict=True, assign=True)
         return module
 
