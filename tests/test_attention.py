@@ -49,12 +49,13 @@ def test_every_parameterised_layer_comes_from_operations(oracle: ParityFixture):
 
 
 @torch.no_grad()
-def test_attention_function_is_used_for_every_attention(oracle: ParityFixture):
-    cn_config, _ = configs(oracle)
+def test_attention_function_gets_every_attention_with_the_call_options(oracle: ParityFixture):
+    cn_config, un_config = configs(oracle)
+    options = {"call": "this one"}
     calls = []
 
-    def counting(q, k, v, heads):
-        calls.append((q.shape[1], k.shape[1]))
+    def counting(q, k, v, heads, transformer_options=None):
+        calls.append(transformer_options)
         return sdpa_attention(q, k, v, heads)
 
     torch.manual_seed(0)
@@ -63,9 +64,17 @@ def test_attention_function_is_used_for_every_attention(oracle: ParityFixture):
     counted.load_state_dict(reference.state_dict())
     args = (torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, 32), torch.rand(1, 3, 64, 64),
             torch.randn(1, 77, 32))
-    assert torch.equal(counted(*args).mid_residual, reference(*args).mid_residual)
+    assert torch.equal(counted(*args, transformer_options=options).mid_residual, reference(*args).mid_residual)
     transformers = sum(isinstance(m, Transformer2D) for m in counted.modules())
     assert len(calls) == 2 * transformers  # a self- and a cross-attention each
+    assert all(c is options for c in calls)
+
+    calls.clear()
+    conditional = ConditionalAttention(un_config, attention=counting)
+    residuals = [torch.randn(1, d.context_channels, 2, 2) for d in reversed(conditional.layers)]
+    for layer, d in enumerate(conditional.layers):
+        conditional(torch.randn(1, d.channels, 2, 2), layer, residuals, options)
+    assert len(calls) == 2 * len(conditional) and all(c is options for c in calls)
 
 
 @torch.no_grad()

@@ -18,17 +18,20 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-AttentionFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
-"""``attention(q, k, v, heads)`` on (B, N, heads*dim) tensors, returning (B, Nq, heads*dim).
+AttentionFunction = Callable[..., torch.Tensor]
+"""``attention(q, k, v, heads, transformer_options=...)`` on (B, N, heads*dim) tensors, returning (B, Nq, heads*dim).
 
-The signature of ComfyUI's ``optimized_attention``, so it can be passed as is.
+The call of ComfyUI's ``optimized_attention``: ``transformer_options`` are the options of
+the model call being run (ComfyUI's per-call dict, which carries attention overrides), so a
+host can pick the kernel per call; the SDPA default ignores them.
 """
 
 Operations = Any
 """A namespace with ``Linear``, ``Conv2d``, ``GroupNorm`` and ``LayerNorm`` (torch.nn or comfy.ops.*)."""
 
 
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                   transformer_options: dict | None = None) -> torch.Tensor:
     """Multi-head attention through ``scaled_dot_product_attention``.
 
     PyTorch picks a fused kernel (flash / memory-efficient on CUDA, the flash kernel on CPU)
@@ -56,9 +59,11 @@ class Attention(nn.Module):
         self.to_v = operations.Linear(context_dim, query_dim, bias=False, device=device, dtype=dtype)
         self.to_out = nn.ModuleList([operations.Linear(query_dim, query_dim, device=device, dtype=dtype)])
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                transformer_options: dict | None = None) -> torch.Tensor:
         context = x if context is None else context
-        out = self.attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
+        out = self.attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads,
+                             transformer_options=transformer_options)
         return self.to_out[0](out)
 
 
@@ -102,9 +107,9 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = operations.LayerNorm(dim, device=device, dtype=dtype)
         self.ff = FeedForward(dim, **kw)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = self.attn1(self.norm1(x)) + x
-        x = self.attn2(self.norm2(x), context) + x
+    def forward(self, x: torch.Tensor, context: torch.Tensor, transformer_options: dict | None = None) -> torch.Tensor:
+        x = self.attn1(self.norm1(x), transformer_options=transformer_options) + x
+        x = self.attn2(self.norm2(x), context, transformer_options) + x
         return self.ff(self.norm3(x)) + x
 
 
@@ -117,12 +122,12 @@ class Recomputable(nn.Module):
 
     gradient_checkpointing = False
 
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(self._forward, *args, use_reentrant=False)
-        return self._forward(*args)
+            return checkpoint(self._forward, *args, use_reentrant=False, **kwargs)
+        return self._forward(*args, **kwargs)
 
-    def _forward(self, *args: torch.Tensor) -> torch.Tensor:
+    def _forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -148,12 +153,12 @@ class Transformer2D(Recomputable):
         ])
         self.proj_out = operations.Conv2d(channels, channels, 1, device=device, dtype=dtype)
 
-    def _forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, context: torch.Tensor, transformer_options: dict | None = None) -> torch.Tensor:
         b, c, h, w = x.shape
         hidden = self.proj_in(self.norm(x))
         hidden = hidden.permute(0, 2, 3, 1).reshape(b, h * w, c)
         for block in self.transformer_blocks:
-            hidden = block(hidden, context)
+            hidden = block(hidden, context, transformer_options)
         hidden = hidden.reshape(b, h, w, c).permute(0, 3, 1, 2)
         return self.proj_out(hidden) + x
 

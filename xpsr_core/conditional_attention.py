@@ -44,15 +44,18 @@ class ConditionalAttention(nn.Module):
     def __len__(self) -> int:
         return len(self.layers)
 
-    def forward(self, hidden: torch.Tensor, layer: int, residuals: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, layer: int, residuals: Sequence[torch.Tensor],
+                transformer_options: dict | None = None) -> torch.Tensor:
         """Apply the attention of decoder layer ``layer`` (0 = first layer after the mid block).
 
-        ``residuals`` are the ControlNet's down residuals in encoder order (already multiplied
-        by the conditioning scale). Decoder layer i consumes the skip popped i-th from the
-        end, and so attends to ``residuals[-1 - i]``: the same pairing as the skips.
+        ``hidden`` is the decoder feature (B, C, H, W); ``residuals`` are the ControlNet's down
+        residuals in encoder order, (B, C_i, H_i, W_i), already multiplied by the conditioning
+        scale. Decoder layer i consumes the skip popped i-th from the end, and so attends to
+        ``residuals[-1 - i]``: the same pairing as the skips. ``transformer_options`` go to
+        the attention calls (see ``AttentionFunction``).
         """
         if len(residuals) != len(self.layers):
             raise ValueError(f"conditional attention needs {len(self.layers)} ControlNet residuals, got {len(residuals)}")
         d = self.layers[layer]
         context = tokens(residuals[-1 - layer]).to(hidden.dtype)
-        return self.up_blocks[d.block].pixel_attentions[d.layer](hidden, context)
+        return self.up_blocks[d.block].pixel_attentions[d.layer](hidden, context, transformer_options)

@@ -65,20 +65,22 @@ class LRConditioningEmbedding(nn.Module):
 
 
 def semantic_fusion(x: torch.Tensor, c_h: torch.Tensor, c_l: torch.Tensor | None, high: Transformer2D,
-                    low: Transformer2D, connect: Transformer2D | None, fusion: str) -> torch.Tensor:
+                    low: Transformer2D, connect: Transformer2D | None, fusion: str,
+                    transformer_options: dict | None = None) -> torch.Tensor:
     """Semantic-fusion attention on one feature map.
 
     parallel (paper Eq. 2, the released model): CA_f(CA_h(x, c_h), CA_l(x, c_l)), the fusion
     taking its query from the high-level branch and keys/values from the low-level tokens.
     serial (Eq. 1, the paper's ablation): CA_l(CA_h(x, c_h), c_l).
     Without a low-level embedding the official code keeps the high-level branch only.
+    ``transformer_options`` go to every attention call (see ``AttentionFunction``).
     """
-    x_h = high(x, c_h)
+    x_h = high(x, c_h, transformer_options)
     if c_l is None:
         return x_h
     if fusion == "serial":
-        return low(x_h, c_l)
-    return connect(x_h, tokens(low(x, c_l)))
+        return low(x_h, c_l, transformer_options)
+    return connect(x_h, tokens(low(x, c_l, transformer_options)), transformer_options)
 
 
 class SFADownBlock(nn.Module):
@@ -102,14 +104,15 @@ class SFADownBlock(nn.Module):
             self.attentions = None
         self.downsamplers = nn.ModuleList([Downsample2D(out_channels, **kw)]) if add_downsample else None
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor, c_h: torch.Tensor,
-                c_l: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, c_h: torch.Tensor, c_l: torch.Tensor | None,
+                transformer_options: dict | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         skips = []
         for i, resnet in enumerate(self.resnets):
             x = resnet(x, temb)
             if self.attentions is not None:
                 connect = self.attentions_connect[i] if self.attentions_connect is not None else None
-                x = semantic_fusion(x, c_h, c_l, self.attentions[i], self.attentions_lowlevel[i], connect, self.fusion)
+                x = semantic_fusion(x, c_h, c_l, self.attentions[i], self.attentions_lowlevel[i], connect, self.fusion,
+                                    transformer_options)
             skips.append(x)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)
@@ -132,10 +135,12 @@ class SFAMidBlock(nn.Module):
             channels, config, config.num_heads[-1], config.transformer_layers_per_block[-1], 1,
             attention=attention, **kw)
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor, c_h: torch.Tensor, c_l: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, c_h: torch.Tensor, c_l: torch.Tensor | None,
+                transformer_options: dict | None = None) -> torch.Tensor:
         x = self.resnets[0](x, temb)
         connect = self.attentions_connect[0] if self.attentions_connect is not None else None
-        x = semantic_fusion(x, c_h, c_l, self.attentions[0], self.attentions_lowlevel[0], connect, self.fusion)
+        x = semantic_fusion(x, c_h, c_l, self.attentions[0], self.attentions_lowlevel[0], connect, self.fusion,
+                            transformer_options)
         return self.resnets[1](x, temb)
 
 
@@ -187,11 +192,13 @@ class SFAControlNet(nn.Module):
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int, encoder_hidden_states: torch.Tensor,
                 controlnet_cond: torch.Tensor, lowlevel_encoder_hidden_states: torch.Tensor | None = None,
-                conditioning_scale: float = 1.0, return_dfc: bool = False) -> ControlNetOutput:
+                conditioning_scale: float = 1.0, return_dfc: bool = False,
+                transformer_options: dict | None = None) -> ControlNetOutput:
         """Residuals for a noisy latent.
 
         ``controlnet_cond`` is the upscaled LR image in [0, 1] at 8x the latent size;
-        ``return_dfc`` also computes the DFC heads, which only training needs.
+        ``return_dfc`` also computes the DFC heads, which only training needs;
+        ``transformer_options`` go to every attention call (see ``AttentionFunction``).
         """
         cfg = self.config
         temb = self.time_embedding(timestep, sample)
@@ -199,9 +206,9 @@ class SFAControlNet(nn.Module):
         x = self.conv_in(sample) + cond
         skips = [x]
         for block in self.down_blocks:
-            x, block_skips = block(x, temb, encoder_hidden_states, lowlevel_encoder_hidden_states)
+            x, block_skips = block(x, temb, encoder_hidden_states, lowlevel_encoder_hidden_states, transformer_options)
             skips += block_skips
-        x = self.mid_block(x, temb, encoder_hidden_states, lowlevel_encoder_hidden_states)
+        x = self.mid_block(x, temb, encoder_hidden_states, lowlevel_encoder_hidden_states, transformer_options)
 
         residuals = [zero_conv(s) for zero_conv, s in zip(self.controlnet_down_blocks, skips)]
         mid = self.controlnet_mid_block(x)
