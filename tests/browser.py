@@ -2,7 +2,8 @@
 
 The server runs from COMFYUI_PATH with a temporary base directory whose custom_nodes holds
 a link to this repository; Chromium (Debian's package) is driven over CDP by Playwright,
-never downloading a browser. Used by the browser test and to author the example workflows.
+never downloading a browser. Used by the browser test, to author the example workflows and to render their
+thumbnails (render_workflow_thumbnails.py).
 """
 
 from __future__ import annotations
@@ -106,12 +107,14 @@ def _wait(url: str, seconds: float) -> None:
 
 
 @contextmanager
-def comfy_server(base: Path, front_end_root: Path | None = None, model_files: Iterable[str] = ()) -> Iterator[str]:
+def comfy_server(base: Path, front_end_root: Path | None = None, model_files: Iterable[str] = (),
+                 settings: dict | None = None) -> Iterator[str]:
     """ComfyUI's server with the pack in ``base``/custom_nodes; yields its URL.
 
     ``front_end_root`` serves another frontend build (ComfyUI's ``--front-end-root``) instead of the pinned one.
     ``model_files`` (paths under ``models/``) are created empty: they stand for the files a user has downloaded,
     which the frontend lists (and newer frontends flag as missing when absent); nothing reads them.
+    ``settings`` are user settings stored on top of ``SETTINGS`` before the frontend first reads them.
     """
     if front_end_root is not None and not (Path(front_end_root) / "index.html").is_file():
         raise FileNotFoundError(f"{front_end_root} is not a ComfyUI frontend build: it has no index.html")
@@ -121,7 +124,7 @@ def comfy_server(base: Path, front_end_root: Path | None = None, model_files: It
         link.symlink_to(REPO, target_is_directory=True)
     user = base / "user" / "default"
     user.mkdir(parents=True, exist_ok=True)
-    (user / "comfy.settings.json").write_text(json.dumps(SETTINGS))
+    (user / "comfy.settings.json").write_text(json.dumps(SETTINGS | (settings or {})))
     for name in model_files:
         (base / "models" / name).parent.mkdir(parents=True, exist_ok=True)
         (base / "models" / name).touch()
