@@ -12,6 +12,9 @@ from itertools import combinations
 from pathlib import Path
 
 import pytest
+from PIL import Image
+
+from render_workflow_thumbnails import thumbnail_size
 
 WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.json"))
 TITLE_HEIGHT = 30  # LiteGraph draws a node's title bar above its pos
@@ -57,3 +60,11 @@ def test_overlap_counts_the_title_bar():
     below = {"pos": [0, 0], "size": [100, 50]}
     assert not overlap(box(below), box({"pos": [0, 50 + TITLE_HEIGHT], "size": [100, 50]}))
     assert overlap(box(below), box({"pos": [0, 50 + TITLE_HEIGHT - 1], "size": [100, 50]}))
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_thumbnail_is_rendered_from_the_current_layout(path: Path):
+    """The thumbnail's size follows from the layout: when a re-layout changes it, the thumbnail is stale (re-render
+    it with tests/render_workflow_thumbnails.py)."""
+    with Image.open(path.with_suffix(".jpg")) as thumbnail:
+        assert thumbnail.format == "JPEG" and thumbnail.size == thumbnail_size(json.loads(path.read_text()))
