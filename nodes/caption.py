@@ -8,6 +8,7 @@ folders under ``models/LLM``; nothing is downloaded.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from ..xpsr_core.captions import (HIGH_LEVEL_INSTRUCTION, LOW_LEVEL_INSTRUCTION,
 from ..xpsr_core.image import to_rgb
 from ..xpsr_core.mllm import (DEFAULT_MAX_NEW_TOKENS, CaptionModel, CaptionModelError, caption_image,
                               list_model_folders, load_caption_model)
+from .access import allowed_path, dataset_folder, require_remote_code_allowed
 from .common import CATEGORY, DTYPE_CHOICES, choose_dtype, register_model_folder
 
 FOLDER = "LLM"
@@ -67,6 +69,8 @@ class MLLM:
 
 
 def load_mllm(name: str, dtype: str, trust_remote_code: bool) -> MLLM:
+    if trust_remote_code:
+        require_remote_code_allowed(name)
     path = next((Path(b) / name for b in folder_paths.get_folder_paths(FOLDER) if (Path(b) / name).is_dir()), None)
     if path is None:
         raise ValueError(f"MLLM folder '{name}' not found under {folder_paths.get_folder_paths(FOLDER)}; place a "
@@ -85,6 +89,12 @@ def load_mllm(name: str, dtype: str, trust_remote_code: bool) -> MLLM:
 def to_pil(image: torch.Tensor) -> Image.Image:
     """One RGB IMAGE (H, W, 3 in [0, 1]) as an 8-bit picture, as the official scripts read PNG files."""
     return Image.fromarray((image.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy())
+
+
+def open_rgb(path: Path) -> Image.Image:
+    """An image file as RGB pixels, read as the official captioning scripts read it (no EXIF rotation)."""
+    with Image.open(path) as image:
+        return image.convert("RGB")
 
 
 def captions(mllm: MLLM, pictures: Iterable[Image.Image], count: int, instructions: list[str], max_new_tokens: int,
@@ -110,6 +120,22 @@ def captions(mllm: MLLM, pictures: Iterable[Image.Image], count: int, instructio
     finally:
         if not keep_loaded:
             mllm.unload()
+
+
+def caption_targets(image: Path, overwrite: bool) -> list[Path | None]:
+    """The LR image's caption files to write, high level then low level; None for one that stays.
+
+    A file that exists (a dangling symlink too) is someone's caption and stays unless overwrite is on; an
+    image missing one caption is captioned for both and only the missing file is written. The image and
+    the files to write must resolve inside the allowed folders, so nothing is read or written through a
+    symlink that leads out of them.
+    """
+    allowed_path(image, f"LR image {str(image)!r}")
+    paths = caption_paths(image)
+    targets = [p if overwrite or not os.path.lexists(p) else None for p in (paths.high_level, paths.low_level)]
+    for target in filter(None, targets):
+        allowed_path(target, f"caption file {str(target)!r}")
+    return targets
 
 
 def _instruction_inputs() -> list:
@@ -143,8 +169,9 @@ class XPSRMLLMLoader(io.ComfyNode):
                 io.Combo.Input("dtype", options=list(DTYPE_CHOICES), default="auto",
                                tooltip="auto: fp16 on a GPU that supports it, else fp32."),
                 io.Boolean.Input("trust_remote_code", default=False,
-                                 tooltip="Run the Python code shipped in the model folder (needed e.g. for "
-                                         "InternLM-XComposer). Only for folders you trust."),
+                                 tooltip="Run the Python code shipped in the model folder, for image-text-to-text "
+                                         "models that transformers does not know. Only for folders you trust; the "
+                                         "server runs it only if started with XPSR_ALLOW_REMOTE_CODE=1."),
             ],
             outputs=[XPSRMLLMType.Output(display_name="mllm",
                                           tooltip="The MLLM, for XPSR Caption or XPSR Caption Dataset.")],
@@ -192,12 +219,17 @@ class XPSRCaptionDataset(io.ComfyNode):
             display_name="XPSR Caption Dataset",
             category=CATEGORY,
             description="Captions a dataset once, in the official layout: for <folder>/LR/<name>.png writes "
-                        "<folder>/highlevel_prompt/<name>.txt and <folder>/lowlevel_prompt_q/<name>.txt, skipping "
-                        "images that already have both unless overwrite is on.",
+                        "<folder>/highlevel_prompt/<name>.txt and <folder>/lowlevel_prompt_q/<name>.txt, leaving "
+                        "caption files that exist alone unless overwrite is on. The folder lies in ComfyUI's input "
+                        "or output folder, or in a folder the server's owner lists in XPSR_DATASET_DIRS.",
             is_output_node=True,
             inputs=[XPSRMLLMType.Input("mllm", tooltip="From XPSR MLLM Loader."),
-                    io.String.Input("dataset", default="", tooltip="The folder that holds LR/ (absolute path)."),
-                    io.Boolean.Input("overwrite", default=False, tooltip="Caption images that have captions too."),
+                    io.String.Input("dataset", default="",
+                                    tooltip="The folder that holds LR/: relative to ComfyUI's input folder, or "
+                                            "absolute inside the input or output folder or a folder listed in "
+                                            "XPSR_DATASET_DIRS."),
+                    io.Boolean.Input("overwrite", default=False,
+                                     tooltip="Replace caption files that exist; off writes only the missing ones."),
                     *_instruction_inputs()],
             outputs=[io.String.Output(display_name="summary",
                                       tooltip="How many of the dataset's LR images were captioned, for a text "
@@ -207,15 +239,15 @@ class XPSRCaptionDataset(io.ComfyNode):
     @classmethod
     def execute(cls, mllm: MLLM, dataset: str, overwrite: bool, high_level_instruction: str,
                 low_level_instruction: str, max_new_tokens: int, keep_loaded: bool) -> io.NodeOutput:
-        images = list_lr_images(dataset)
-        todo = [p for p in images if overwrite or not all(
-            f.is_file() for f in (caption_paths(p).high_level, caption_paths(p).low_level))]
-        pictures = (Image.open(p).convert("RGB") for p in todo)
-        rows = captions(mllm, pictures, len(todo), [high_level_instruction, low_level_instruction], max_new_tokens,
-                        keep_loaded)
-        for path, (high, low) in zip(todo, rows):
-            write_caption(caption_paths(path).high_level, high)
-            write_caption(caption_paths(path).low_level, low)
-        summary = f"captioned {len(todo)} of {len(images)} LR images in {dataset}"
+        folder = dataset_folder(dataset)
+        images = list_lr_images(folder)
+        jobs = [(image, targets) for image in images if any(targets := caption_targets(image, overwrite))]
+        rows = captions(mllm, (open_rgb(image) for image, _ in jobs), len(jobs),
+                        [high_level_instruction, low_level_instruction], max_new_tokens, keep_loaded)
+        for (_, targets), row in zip(jobs, rows):
+            for target, caption in zip(targets, row, strict=True):
+                if target is not None:
+                    write_caption(target, caption)
+        summary = f"captioned {len(jobs)} of {len(images)} LR images in {folder}"
         return io.NodeOutput(summary, ui={"text": [summary]})
 

@@ -1,8 +1,12 @@
-"""MLLM captioning in ComfyUI: captions feed XPSR Dual Prompt Encode, the MLLM is a managed model, interrupts stop it."""
+"""MLLM captioning in ComfyUI: captions feed XPSR Dual Prompt Encode, the MLLM is a managed model, interrupts stop it.
+
+On a shared server a queued workflow reaches only the dataset folders and the model code the server's owner allows.
+"""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -31,11 +35,12 @@ def llm_folder():
     return base
 
 
-def caption_graph(model: str = MODELS["llava"], batch: int = 2, keep_loaded: bool = False, tokens: int = 6) -> dict:
+def caption_graph(model: str = MODELS["llava"], batch: int = 2, keep_loaded: bool = False, tokens: int = 6,
+                  trust_remote_code: bool = False) -> dict:
     prompt = H.graph(height=16, width=16, batch=batch, scale=2.0, seed=tokens)
     prompt |= {
         "20": {"class_type": "XPSRMLLMLoader", "inputs": {"model": model, "dtype": "fp32",
-                                                           "trust_remote_code": False}},
+                                                           "trust_remote_code": trust_remote_code}},
         "21": {"class_type": "XPSRCaption", "inputs": {
             "mllm": ["20", 0], "image": ["4", 0], "high_level_instruction": "Describe the content.",
             "low_level_instruction": "Describe the quality.", "max_new_tokens": tokens, "keep_loaded": keep_loaded}},
@@ -99,28 +104,142 @@ def test_interrupt_stops_generation_and_the_next_run_works(monkeypatch):
     H.run_ok(caption_graph(tokens=9))
 
 
-def test_dataset_is_captioned_once_in_the_official_layout(tmp_path):
-    lr = tmp_path / "set" / "LR"
-    lr.mkdir(parents=True)
-    for i in range(2):
-        comfy_image = H.test_image(24, 24, seed=i)[0]
-        H.pack_module("nodes.caption").to_pil(comfy_image).save(lr / f"img{i}.png")
-    prompt = {
+def make_dataset(root: Path, count: int = 2) -> Path:
+    """<root>/LR/img<i>.png, small generated pictures."""
+    (root / "LR").mkdir(parents=True)
+    for i in range(count):
+        H.pack_module("nodes.caption").to_pil(H.test_image(24, 24, seed=i)[0]).save(root / "LR" / f"img{i}.png")
+    return root
+
+
+def dataset_prompt(dataset: str, overwrite: bool = False, tokens: int = 4) -> dict:
+    return {
         "20": {"class_type": "XPSRMLLMLoader", "inputs": {"model": MODELS["llava"], "dtype": "fp32",
                                                            "trust_remote_code": False}},
         "22": {"class_type": "XPSRCaptionDataset", "inputs": {
-            "mllm": ["20", 0], "dataset": str(tmp_path / "set"), "overwrite": False,
+            "mllm": ["20", 0], "dataset": dataset, "overwrite": overwrite,
             "high_level_instruction": "Describe the content.", "low_level_instruction": "Describe the quality.",
-            "max_new_tokens": 4, "keep_loaded": False}},
+            "max_new_tokens": tokens, "keep_loaded": False}},
     }
+
+
+def caption_files_under(root: Path) -> list[Path]:
+    return sorted(root.rglob("*.txt"))
+
+
+@pytest.fixture
+def no_owner_settings(monkeypatch):
+    """A server whose owner has allowed nothing beyond ComfyUI's own folders."""
+    monkeypatch.delenv("XPSR_DATASET_DIRS", raising=False)
+    monkeypatch.delenv("XPSR_ALLOW_REMOTE_CODE", raising=False)
+
+
+@pytest.fixture
+def output_dir() -> Path:
+    H.setup_host()
+    return Path(H.folder_paths.get_output_directory())
+
+
+def test_dataset_is_captioned_once_in_the_official_layout(tmp_path, monkeypatch):
+    monkeypatch.setenv("XPSR_DATASET_DIRS", os.pathsep.join([str(tmp_path / "elsewhere"), str(tmp_path / "data")]))
+    dataset = make_dataset(tmp_path / "data" / "set")
+    prompt = dataset_prompt(str(dataset))
     executor, _ = H.run_ok(prompt)
-    assert H.output(executor, "22") == f"captioned 2 of 2 LR images in {tmp_path / 'set'}"
-    paths = caption_files.caption_paths(lr / "img0.png")
+    assert H.output(executor, "22") == f"captioned 2 of 2 LR images in {dataset}"
+    paths = caption_files.caption_paths(dataset / "LR" / "img0.png")
     assert paths.high_level.parent.name == "highlevel_prompt" and paths.low_level.parent.name == "lowlevel_prompt_q"
     assert caption_files.read_caption(paths.high_level) and caption_files.read_caption(paths.low_level)
     prompt["22"]["inputs"]["max_new_tokens"] = 5
     executor, _ = H.run_ok(prompt)
-    assert H.output(executor, "22") == f"captioned 0 of 2 LR images in {tmp_path / 'set'}"
+    assert H.output(executor, "22") == f"captioned 0 of 2 LR images in {dataset}"
+
+
+def test_a_relative_dataset_is_found_in_comfyuis_input_folder(tmp_path, monkeypatch, no_owner_settings):
+    monkeypatch.setattr(H.folder_paths, "input_directory", str(tmp_path / "input"))
+    dataset = make_dataset(tmp_path / "input" / "sets" / "mine", count=1)
+    executor, _ = H.run_ok(dataset_prompt("sets/mine", tokens=6))
+    assert H.output(executor, "22") == f"captioned 1 of 1 LR images in {dataset}"
+    assert len(caption_files_under(dataset)) == 2
+
+
+def test_a_dataset_in_comfyuis_output_folder_is_allowed(output_dir, no_owner_settings):
+    dataset = make_dataset(output_dir / "captioned_set", count=1)
+    executor, _ = H.run_ok(dataset_prompt(str(dataset), tokens=7))
+    assert H.output(executor, "22") == f"captioned 1 of 1 LR images in {dataset}"
+
+
+def test_caption_files_that_exist_are_kept_unless_overwrite(output_dir, no_owner_settings):
+    dataset = make_dataset(output_dir / "half_captioned_set", count=1)
+    paths = caption_files.caption_paths(dataset / "LR" / "img0.png")
+    caption_files.write_caption(paths.high_level, "a caption from the official script")
+    H.run_ok(dataset_prompt(str(dataset), tokens=8))
+    assert caption_files.read_caption(paths.high_level) == "a caption from the official script"
+    assert caption_files.read_caption(paths.low_level)
+    H.run_ok(dataset_prompt(str(dataset), overwrite=True, tokens=8))
+    assert caption_files.read_caption(paths.high_level) != "a caption from the official script"
+
+
+def outside_dataset(outside: Path, output_dir: Path, case: str) -> str:
+    """How a queued workflow might name a dataset that lies outside the allowed folders."""
+    if case == "absolute":
+        return str(outside)
+    if case == "dotdot":
+        return os.path.relpath(outside, H.folder_paths.get_input_directory())
+    link = output_dir / f"link_to_{outside.parent.name}"
+    link.symlink_to(outside, target_is_directory=True)
+    return str(link)
+
+
+@pytest.mark.parametrize("case", ["absolute", "dotdot", "symlink"])
+def test_a_dataset_outside_the_allowed_folders_is_refused_and_the_server_keeps_serving(
+        case: str, tmp_path, output_dir, no_owner_settings):
+    outside = make_dataset(tmp_path / "private" / "set", count=1)
+    dataset = outside_dataset(outside, output_dir, case)
+    executor, _ = H.run(dataset_prompt(dataset))
+    message = H.error_message(executor)
+    assert not executor.success
+    assert f"dataset {dataset!r} resolves to {outside}, outside the folders datasets may live in" in message
+    assert str(output_dir) in message and "XPSR_DATASET_DIRS" in message
+    assert caption_files_under(tmp_path) == []
+    H.run_ok(dataset_prompt(str(make_dataset(output_dir / f"next_{case}", count=1)), tokens=9))
+
+
+def test_writing_never_follows_a_symlink_out_of_the_allowed_folder(tmp_path, output_dir, no_owner_settings):
+    dataset = make_dataset(output_dir / "set_with_linked_captions", count=1)
+    (tmp_path / "private").mkdir()
+    (dataset / "highlevel_prompt").symlink_to(tmp_path / "private", target_is_directory=True)
+    executor, _ = H.run(dataset_prompt(str(dataset)))
+    message = H.error_message(executor)
+    assert not executor.success
+    assert f"resolves to {tmp_path / 'private' / 'img0.txt'}, outside the folders datasets may live in" in message
+    assert caption_files_under(tmp_path) == [] and caption_files_under(dataset) == []
+
+
+def test_an_lr_image_linked_from_outside_is_refused(tmp_path, output_dir, no_owner_settings):
+    outside = make_dataset(tmp_path / "private", count=1)
+    dataset = make_dataset(output_dir / "set_with_linked_image", count=1)
+    (dataset / "LR" / "img1.png").symlink_to(outside / "LR" / "img0.png")
+    executor, _ = H.run(dataset_prompt(str(dataset)))
+    assert not executor.success
+    assert f"LR image '{dataset / 'LR' / 'img1.png'}' resolves to {outside / 'LR' / 'img0.png'}" in (
+        H.error_message(executor))
+
+
+def test_remote_code_runs_only_where_the_server_allows_it(llm_folder, monkeypatch, no_owner_settings):
+    marker = H.WORK / "remote_code_ran"
+    tiny_vlm.build_remote_code_llava(llm_folder / "tiny" / "remote-llava", marker)
+    prompt = caption_graph("tiny/remote-llava", batch=1, tokens=5, trust_remote_code=True)
+    executor, _ = H.run(prompt)
+    assert not executor.success
+    assert "XPSR_ALLOW_REMOTE_CODE=1" in H.error_message(executor)
+    assert not marker.exists()
+    H.run_ok(caption_graph(tokens=12))
+
+    monkeypatch.setenv("XPSR_ALLOW_REMOTE_CODE", "1")
+    executor, _ = H.run_ok(prompt)
+    assert marker.exists()
+    assert [len(c) > 0 for c in executor.caches.outputs.get("21")[0] + executor.caches.outputs.get("21")[1]] == [
+        True, True]
 
 
 def test_missing_model_folder_is_a_clear_error():

@@ -13,9 +13,11 @@ tokens produced against max_new_tokens) and captions are printable text.
 from __future__ import annotations
 
 import inspect
+import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     CLIPImageProcessor,
@@ -285,3 +287,40 @@ def build_text_llm(folder: Path) -> Path:
 
 
 BUILDERS = {"llava": build_llava, "llava_next": build_llava_next, "qwen2_vl": build_qwen2_vl}
+
+
+REMOTE_CODE = '''\
+from pathlib import Path
+
+from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+Path({marker!r}).write_text("the folder's code ran")
+
+
+class TinyRemoteLlavaConfig(LlavaConfig):
+    model_type = "tiny_remote_llava"
+
+
+class TinyRemoteLlava(LlavaForConditionalGeneration):
+    config_class = TinyRemoteLlavaConfig
+'''
+
+
+def build_remote_code_llava(folder: Path, marker: Path) -> Path:
+    """The tiny LLaVA under a model_type only its shipped code knows; importing that code writes ``marker``.
+
+    A test sees from the marker whether the folder's Python code ran. The folder's name becomes the module
+    name transformers imports the code under, so each folder needs a name of its own.
+    """
+    folder = build_llava(Path(folder))
+    # the weights in the class's own names: transformers renames LLaVA's saved keys by model_type, which is new here
+    weights = LlavaForConditionalGeneration.from_pretrained(folder).state_dict()
+    save_file({key: value.contiguous() for key, value in weights.items()}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config |= {"model_type": "tiny_remote_llava", "architectures": ["TinyRemoteLlava"],
+               "auto_map": {"AutoConfig": "modeling_tiny_remote.TinyRemoteLlavaConfig",
+                            "AutoModelForImageTextToText": "modeling_tiny_remote.TinyRemoteLlava"}}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    (folder / "modeling_tiny_remote.py").write_text(REMOTE_CODE.format(marker=str(marker)))
+    return folder
