@@ -413,12 +413,21 @@ def test_llava_needs_no_chat_template(llm_dir: Path, tmp_path: Path) -> None:
     assert caption_image(load_caption_model(folder), images()[0], "Describe.", max_new_tokens=2)
 
 
-def remote_code_folder(folder: Path, auto_model: str = "AutoModelForImageTextToText") -> Path:
+XCOMPOSER_AUTO_MAP = {
+    "AutoConfig": "configuration_tiny.TinyConfig",
+    "AutoModel": "modeling_tiny.Tiny",
+    "AutoModelForCausalLM": "modeling_tiny.Tiny",
+}
+"""The auto classes the official low-level captioner (Q-Instruct InternLM-XComposer-VL) registers in its config.json."""
+
+
+def remote_code_folder(folder: Path, auto_map: dict | None = None) -> Path:
     """A folder whose model_type only its own code knows; that code fails loudly if it is ever run."""
     folder.mkdir()
     config = {
         "model_type": "tiny_remote_vlm",
-        "auto_map": {"AutoConfig": "configuration_tiny.TinyConfig", auto_model: "modeling_tiny.Tiny"},
+        "auto_map": auto_map or {"AutoConfig": "configuration_tiny.TinyConfig",
+                                 "AutoModelForImageTextToText": "modeling_tiny.Tiny"},
     }
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "configuration_tiny.py").write_text("raise RuntimeError('the folder code must not run')\n")
@@ -432,10 +441,16 @@ def test_remote_code_is_refused_unless_trusted(tmp_path: Path) -> None:
     assert str(folder) in str(error.value) and "'tiny_remote_vlm'" in str(error.value)
 
 
-def test_trusted_code_without_an_image_text_to_text_model_is_refused(tmp_path: Path) -> None:
-    folder = remote_code_folder(tmp_path / "remote", auto_model="AutoModelForCausalLM")
-    with pytest.raises(CaptionModelError, match="AutoModelForCausalLM but no image-text-to-text model"):
-        load_caption_model(folder, trust_remote_code=True)
+@pytest.mark.parametrize("trust_remote_code", [False, True])
+def test_shipped_code_without_an_image_text_to_text_model_is_refused_naming_its_auto_classes(
+        tmp_path: Path, trust_remote_code: bool) -> None:
+    folder = remote_code_folder(tmp_path / "xcomposer", XCOMPOSER_AUTO_MAP)
+    with pytest.raises(CaptionModelError) as error:
+        load_caption_model(folder, trust_remote_code=trust_remote_code)
+    assert str(error.value).startswith(
+        f"{folder}: the code shipped for model_type 'tiny_remote_vlm' provides the auto classes AutoConfig, AutoModel, "
+        "AutoModelForCausalLM but no image-text-to-text model (AutoModelForImageTextToText or AutoModelForVision2Seq), "
+        "so it cannot caption images here; caption with the model's own scripts instead")
 
 
 def test_unknown_model_type_without_code_is_reported(tmp_path: Path) -> None:

@@ -129,12 +129,13 @@ def _vlm_auto_class(folder: Path, raw_config: dict, trust_remote_code: bool) -> 
             f"{folder}: model_type {model_type!r} is unknown to transformers {transformers.__version__} and the "
             "folder ships no code for it (no auto_map in config.json); a newer transformers may know it"
         )
+    auto_class = _remote_vlm_auto_class(folder, model_type, auto_map)
     if not trust_remote_code:
         raise CaptionModelError(
             f"{folder}: model_type {model_type!r} needs the Python code shipped in the folder (auto_map in "
             "config.json); enable trust_remote_code to load it, which runs that code on this machine"
         )
-    return _remote_vlm_auto_class(folder, model_type, auto_map)
+    return auto_class
 
 
 def _native_vlm_auto_class(folder: Path, model_type: str, raw_config: dict) -> Any:
@@ -152,12 +153,20 @@ def _native_vlm_auto_class(folder: Path, model_type: str, raw_config: dict) -> A
 
 
 def _remote_vlm_auto_class(folder: Path, model_type: str, auto_map: dict) -> Any:
+    """The auto class the shipped code registers for image-text-to-text, read from config.json alone.
+
+    Decided before any shipped code runs, so a folder that could never caption here (the official Q-Instruct
+    InternLM-XComposer-VL registers only AutoModel and AutoModelForCausalLM, with a generate of its own) is
+    refused with what it provides, whether or not its code is trusted.
+    """
     for name in VLM_AUTO_CLASSES:
         if name in auto_map and getattr(transformers, name, None) is not None:
             return getattr(transformers, name)
     raise CaptionModelError(
-        f"{folder}: the code shipped for model_type {model_type!r} provides {', '.join(sorted(auto_map))} but "
-        f"no image-text-to-text model ({' or '.join(VLM_AUTO_CLASSES)}), so it cannot caption images here"
+        f"{folder}: the code shipped for model_type {model_type!r} provides the auto classes "
+        f"{', '.join(sorted(auto_map))} but no image-text-to-text model ({' or '.join(VLM_AUTO_CLASSES)}), so it "
+        "cannot caption images here; caption with the model's own scripts instead and read their caption files "
+        "in the official layout (highlevel_prompt/, lowlevel_prompt_q/ beside LR/)"
     )
 
 
