@@ -12,13 +12,17 @@ from comfy_api.latest import io
 CATEGORY = "image/upscaling/XPSR"
 XPSRControlNetType = io.Custom("XPSR_CONTROLNET")
 DTYPE_CHOICES = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+WEIGHT_DTYPE_CHOICES = DTYPE_CHOICES | {"fp8_e4m3fn": torch.float8_e4m3fn}
+"""Weight storage choices of the XPSR Loader: fp8 is stored only, and computed in the MODEL's dtype."""
+FP8_DTYPES = {torch.float8_e4m3fn}
 
 
-def choose_dtype(input_name: str, choice: str, auto: torch.dtype) -> torch.dtype:
-    """A dtype input's torch dtype; ``auto`` is what the node would pick by itself."""
-    if choice not in DTYPE_CHOICES:
-        raise ValueError(f"{input_name} is {choice!r}; expected one of {list(DTYPE_CHOICES)}")
-    return DTYPE_CHOICES[choice] or auto
+def choose_dtype(input_name: str, choice: str, auto: torch.dtype,
+                 choices: dict[str, torch.dtype | None] = DTYPE_CHOICES) -> torch.dtype:
+    """A dtype input's torch dtype among ``choices``; ``auto`` is what the node would pick by itself."""
+    if choice not in choices:
+        raise ValueError(f"{input_name} is {choice!r}; expected one of {list(choices)}")
+    return choices[choice] or auto
 
 
 def register_model_folder(name: str, extensions: set[str]) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .common import CATEGORY, DTYPE_CHOICES, XPSRControlNetType
+from .common import CATEGORY, WEIGHT_DTYPE_CHOICES, XPSRControlNetType
 from .model_files import list_models, load_xpsr, resolve
 from .unet_patch import patch_model
 
@@ -25,8 +25,10 @@ class XPSRLoader(io.ComfyNode):
                 io.Combo.Input("xpsr_model", options=list_models(),
                                tooltip="The single file from `python -m xpsr_core.convert`, or an official XPSR "
                                        "checkpoint folder (with controlnet/ and unet/), under models/xpsr."),
-                io.Combo.Input("weight_dtype", options=list(DTYPE_CHOICES), default="auto",
-                               tooltip="Precision of the XPSR weights in memory; auto follows the MODEL."),
+                io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPE_CHOICES), default="auto",
+                               tooltip="Precision of the XPSR weights in memory; auto follows the MODEL. "
+                                       "fp8_e4m3fn stores them in fp8 (a quarter of fp32) and computes in the "
+                                       "MODEL's dtype."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The MODEL with XPSR's conditional attention."),

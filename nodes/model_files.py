@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
+import torch
+
+import comfy.ldm.modules.attention
 import comfy.model_management
 import comfy.model_patcher
 import comfy.ops
 import comfy.supported_models
 import folder_paths
-from comfy.ldm.modules.attention import optimized_attention
 
 from ..xpsr_core.checkpoint import build_models, load_checkpoint
 from ..xpsr_core.config import UNetConfig
 from ..xpsr_core.errors import CheckpointError
-from .common import choose_dtype, register_model_folder
+from .common import FP8_DTYPES, WEIGHT_DTYPE_CHOICES, choose_dtype, register_model_folder
 from .control import ControlModel, XPSRControlNet
 
 FOLDER = "xpsr"
@@ -74,20 +77,41 @@ def check_base_model(model: comfy.model_patcher.ModelPatcher, unet: UNetConfig, 
             raise ValueError(f"XPSR: the MODEL's UNet has {key} = {got}, but {source} was trained for {key} = {value}")
 
 
+def host_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, transformer_options: dict | None = None,
+                   attn_precision: torch.dtype | None = None) -> torch.Tensor:
+    """XPSR's attentions through ComfyUI's attention selection, as the UNet's own CrossAttention calls it.
+
+    ``optimized_attention`` is looked up per call (launch flags and nodes that replace it
+    apply), and the call's transformer_options carry any ``optimized_attention_override``.
+    """
+    return comfy.ldm.modules.attention.optimized_attention(q, k, v, heads, attn_precision=attn_precision,
+                                                           transformer_options=transformer_options)
+
+
 def load_xpsr(path: Path, model: comfy.model_patcher.ModelPatcher,
               weight_dtype: str) -> tuple[XPSRControlNet, comfy.model_patcher.ModelPatcher]:
-    """The ControlNet and the conditional attention, built with ComfyUI's ops on its offload device."""
+    """The ControlNet and the conditional attention, built with ComfyUI's ops on its offload device.
+
+    fp8 weights are stored in fp8 and computed in the MODEL's compute dtype (ComfyUI's
+    manual-cast ops cast each layer's weights as it runs); their attentions take the
+    MODEL's attn_precision, as its own attentions do.
+    """
     try:
         ckpt = load_checkpoint(path)
     except CheckpointError as e:
         raise ValueError(str(e)) from e
     check_base_model(model, ckpt.unet_config, path.name)
-    dtype = choose_dtype("weight_dtype", weight_dtype, model.model_dtype())
+    dtype = choose_dtype("weight_dtype", weight_dtype, model.model_dtype(), WEIGHT_DTYPE_CHOICES)
     load_device = comfy.model_management.get_torch_device()
     offload_device = comfy.model_management.unet_offload_device()
-    manual_cast = comfy.model_management.unet_manual_cast(dtype, load_device)
+    if dtype in FP8_DTYPES:
+        manual_cast = model.model.manual_cast_dtype or model.model_dtype()
+    else:
+        manual_cast = comfy.model_management.unet_manual_cast(dtype, load_device)
     operations = comfy.ops.pick_operations(dtype, manual_cast, load_device=load_device)
-    controlnet, attention = build_models(ckpt, attention=optimized_attention, operations=operations,
+    attention_function = functools.partial(host_attention,
+                                           attn_precision=model.model.model_config.unet_config.get("attn_precision"))
+    controlnet, attention = build_models(ckpt, attention=attention_function, operations=operations,
                                          device=offload_device, dtype=dtype)
     control = XPSRControlNet(ControlModel(controlnet, dtype), load_device=load_device, manual_cast_dtype=manual_cast)
     attention_patcher = comfy.model_patcher.ModelPatcher(attention, load_device=load_device,

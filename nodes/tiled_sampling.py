@@ -1,9 +1,9 @@
 """Latent tiling inside ComfyUI's sampler, as the official pipeline tiles large images.
 
-A CALC_COND_BATCH wrapper splits each model evaluation into the official tile grid; every
-tile runs through ComfyUI's own cond batching with its ControlNets' hints cropped to the
-tile, and the predictions are blended with the official Gaussian weights. The sampler
-itself (any of ComfyUI's) never knows.
+A CALC_COND_BATCH wrapper splits each model evaluation into the official tile grid; the
+tiles run through ComfyUI's own cond batching, as many per model call as memory allows,
+with their ControlNets' hints cropped to each tile, and the predictions are blended with
+the official Gaussian weights. The sampler itself (any of ComfyUI's) never knows.
 """
 
 from __future__ import annotations
@@ -23,22 +23,45 @@ from .control import XPSRControlNet
 def full_hint(control: comfy.controlnet.ControlNet, height: int, width: int) -> torch.Tensor:
     """A control's hint at the full image size, resized the way that control's get_control would."""
     if isinstance(control, XPSRControlNet):
-        return control.resize_hint(height, width)
+        return control.hint_at(height, width)
     return comfy.utils.common_upscale(control.cond_hint_original, width, height, control.upscale_algorithm, "center")
 
 
-class TiledCondBatch:
-    """CALC_COND_BATCH wrapper that evaluates the model tile by tile when the latent is larger than tile^2."""
+def tile_area(box: Box) -> tuple:
+    return (..., slice(box.y0, box.y1), slice(box.x0, box.x1))
 
-    def __init__(self, tile: int, overlap: int, on_tile: Callable[[], None] = lambda: None):
+
+class TiledCondBatch:
+    """CALC_COND_BATCH wrapper that evaluates the model on tiles when the latent is larger than tile^2.
+
+    As many tiles as ComfyUI's memory estimate allows (``max_tiles`` at most) go into one
+    model call, stacked along the batch (tile-major: row t * B + b is image b's tile t), so
+    a large GPU evaluates the whole grid at once; each tile's result is the same as alone.
+    """
+
+    def __init__(self, tile: int, overlap: int, on_tile: Callable[[], None] = lambda: None,
+                 max_tiles: int | None = None):
         self.tile = tile
         self.overlap = overlap
         self.on_tile = on_tile
+        self.max_tiles = max_tiles
         self._tiled_controls: dict[tuple, comfy.controlnet.ControlBase] = {}
         self._full_hints: dict[tuple, torch.Tensor] = {}
 
     def tile_count(self, height: int, width: int) -> int:
         return len(tile_boxes(height, width, self.tile, self.overlap)) if needs_tiling(height, width, self.tile) else 1
+
+    def tiles_per_call(self, model, conds: list, x_in: torch.Tensor, box: Box, tiles: int) -> int:
+        """The most tiles (up to ``tiles``) whose model call fits ComfyUI's memory estimate, as _calc_cond_batch
+        sizes its batches: ``memory_required * 1.5`` below the free memory; at least one."""
+        limit = min(tiles, self.max_tiles or tiles)
+        rows = sum(c is not None for c in conds) * x_in.shape[0]
+        shape = list(x_in[tile_area(box)].shape[1:])
+        free = comfy.model_management.get_free_memory(x_in.device)
+        for count in range(limit, 1, -1):
+            if model.memory_required([count * rows] + shape) * 1.5 < free:
+                return count
+        return 1
 
     def __call__(self, executor, model, conds, x_in, timestep, model_options):
         height, width = x_in.shape[-2:]
@@ -48,28 +71,39 @@ class TiledCondBatch:
         weights = gaussian_weights(boxes[0].y1 - boxes[0].y0).to(x_in)
         outputs = [torch.zeros_like(x_in) for _ in conds]
         total = torch.zeros(x_in.shape[-2:], dtype=x_in.dtype, device=x_in.device)
-        for box in boxes:
+        per_call = self.tiles_per_call(model, conds, x_in, boxes[0], len(boxes))
+        for start in range(0, len(boxes), per_call):
             comfy.model_management.throw_exception_if_processing_interrupted()
-            area = (..., slice(box.y0, box.y1), slice(box.x0, box.x1))
-            tile_conds = [None if c is None else [self._tile_cond(d, box, height, width) for d in c] for c in conds]
-            for out, result in zip(outputs, executor(model, tile_conds, x_in[area], timestep, model_options)):
-                out[area] += result * weights
-            total[area] += weights
-            self.on_tile()
+            group = tuple(boxes[start:start + per_call])
+            x = torch.cat([x_in[tile_area(box)] for box in group])
+            tile_conds = [None if c is None else [self._tile_cond(d, group, x_in.shape[0], height, width) for d in c]
+                          for c in conds]
+            results = executor(model, tile_conds, x, timestep.repeat(len(group)), model_options)
+            for out, result in zip(outputs, results):
+                for box, tile_result in zip(group, result.chunk(len(group))):
+                    out[tile_area(box)] += tile_result * weights
+            for box in group:
+                total[tile_area(box)] += weights
+            for _ in group:
+                comfy.model_management.throw_exception_if_processing_interrupted()
+                self.on_tile()
         return [out / total for out in outputs]
 
-    def _tile_cond(self, cond: dict, box: Box, height: int, width: int) -> dict:
+    def _tile_cond(self, cond: dict, group: tuple[Box, ...], batch: int, height: int, width: int) -> dict:
         if cond.get("control") is None:
             return cond
         if "area" in cond or "mask" in cond:
             raise ValueError("XPSR tiled sampling does not support area or mask conditioning; raise the tile size so "
                              "the image is processed whole")
-        return {**cond, "control": self._tile_control(cond["control"], box, height, width)}
+        return {**cond, "control": self._tile_control(cond["control"], group, batch, height, width)}
 
-    def _tile_control(self, control: comfy.controlnet.ControlBase, box: Box, height: int,
+    def _tile_control(self, control: comfy.controlnet.ControlBase, group: tuple[Box, ...], batch: int, height: int,
                       width: int) -> comfy.controlnet.ControlBase:
-        """A copy of ``control`` (and its chain) whose hint is the tile's crop of the full-size hint."""
-        key = (id(control), box, height, width)
+        """A copy of ``control`` (and its chain) whose hint is the group's tiles cropped from the full-size hint.
+
+        The crops are stacked like the latent tiles: each repeated to the latent's batch, tile-major.
+        """
+        key = (id(control), group, batch, height, width)
         if key not in self._tiled_controls:
             if not isinstance(control, comfy.controlnet.ControlNet) or control.vae is not None:
                 raise ValueError(f"XPSR tiled sampling can crop the hints of image ControlNets only, not of "
@@ -80,10 +114,12 @@ class TiledCondBatch:
                 self._full_hints[hint_key] = full_hint(control, height * ratio, width * ratio)
             hint = self._full_hints[hint_key]
             tiled = control.copy()
-            tiled.cond_hint_original = hint[..., box.y0 * ratio:box.y1 * ratio, box.x0 * ratio:box.x1 * ratio]
+            tiled.cond_hint_original = torch.cat([comfy.utils.repeat_to_batch_size(hint[tile_area(box.scaled(ratio))],
+                                                                                   batch) for box in group])
             tiled.timestep_range = control.timestep_range
             tiled.model_sampling_current = control.model_sampling_current
             if control.previous_controlnet is not None:
-                tiled.set_previous_controlnet(self._tile_control(control.previous_controlnet, box, height, width))
+                tiled.set_previous_controlnet(self._tile_control(control.previous_controlnet, group, batch, height,
+                                                                 width))
             self._tiled_controls[key] = tiled
         return self._tiled_controls[key]

@@ -1,73 +1,87 @@
 """XPSR's conditional attention inside ComfyUI's own SD1.5 UNet.
 
 The attention sits inside each decoder block (after the resnet and the text attention,
-before the upsampler), a place no ComfyUI patch point reaches. A DIFFUSION_MODEL wrapper
-therefore hooks the decoder layers for the duration of one UNet call, when the XPSR
-ControlNet is active in that call, and removes the hooks afterwards. The attention's
-weights are an additional model of the MODEL, so ``load_models_gpu`` loads and offloads
-them with the UNet.
+before the upsampler). The patched MODEL replaces each of the UNet's output blocks, as an
+object patch, by a copy holding the same layers plus a ``DecoderAttention`` marker in that
+place; ComfyUI's ``forward_timestep_embed_patch`` runs the conditional attention at the
+marker with the call's transformer_options. So the patch is installed once per MODEL
+(ComfyUI swaps the blocks in when it loads the MODEL and back when it unloads it), is
+traced whole by torch.compile, and does nothing in a call where the XPSR ControlNet left
+no residuals. The attention's weights are an additional model of the MODEL, so
+``load_models_gpu`` loads and offloads them with the UNet.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import nn
 
 import comfy.model_patcher
-import comfy.patcher_extension
-from comfy.ldm.modules.diffusionmodules.openaimodel import Upsample
+from comfy.ldm.modules.diffusionmodules.openaimodel import TimestepEmbedSequential, Upsample
 
 from ..xpsr_core.conditional_attention import ConditionalAttention
-from .control import ACTIVE_KEY
+from .control import RESIDUALS_KEY
 
 PATCH_KEY = "xpsr_conditional_attention"
+MARKER_NAME = "xpsr_conditional_attention"
+"""The marker's name inside an output block; the block's own layers keep their names (and state-dict keys)."""
 
 
-def decoder_layers(unet: nn.Module) -> list[nn.Module]:
-    """The module after which each decoder layer's conditional attention runs (the last before an upsampler)."""
-    return [[m for m in block if not isinstance(m, Upsample)][-1] for block in unet.output_blocks]
+class DecoderAttention(nn.Module):
+    """Marks where decoder layer ``index``'s conditional attention runs; it has no weights of its own."""
+
+    def __init__(self, index: int):
+        super().__init__()
+        self.index = index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
 
-class ConditionalAttentionWrapper:
-    """DIFFUSION_MODEL wrapper running the conditional attention with the ControlNet residuals of this call.
+def conditional_attention_patch(attention: ConditionalAttention) -> Callable:
+    """The ``forward_timestep_embed_patch`` handler that runs ``attention`` at each ``DecoderAttention`` marker.
 
-    The keys/values are the control residuals the UNet adds to its skips (after strength),
-    exactly what the official UNet receives as ``down_block_additional_residuals``.
+    It reads the call's XPSR residuals from transformer_options (the ControlNet leaves them
+    there, after strength) and passes the options on, so attention overrides apply. A plain
+    function (a closure): ComfyUI deep-copies model_options on every clone, and a function
+    is copied by reference, never the weights it holds.
     """
+    def run(layer: DecoderAttention, x: torch.Tensor, emb, context, transformer_options: dict, *args) -> torch.Tensor:
+        residuals = transformer_options.get(RESIDUALS_KEY)
+        if residuals is None:
+            return x
+        return attention(x, layer.index, residuals, transformer_options)
+    return run
 
-    def __init__(self, attention: ConditionalAttention):
-        self.attention = attention
 
-    def __call__(self, executor, x, timesteps=None, context=None, y=None, control=None, transformer_options={},
-                 **kwargs):
-        residuals = list(control["output"]) if control and transformer_options.get(ACTIVE_KEY) else None
-        if not residuals:
-            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
-        layers = decoder_layers(executor.class_obj)
-        if len(layers) != len(self.attention) or len(residuals) != len(self.attention):
-            raise ValueError(f"XPSR: the UNet has {len(layers)} decoder layers and the ControlNet gave {len(residuals)} "
-                             f"residuals; the conditional attention expects {len(self.attention)} of each")
-        handles = [layer.register_forward_hook(self._hook(i, residuals)) for i, layer in enumerate(layers)]
-        try:
-            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
-        finally:
-            for h in handles:
-                h.remove()
-
-    def _hook(self, layer: int, residuals: list[torch.Tensor]):
-        def hook(module, args, output):
-            if residuals[-1 - layer] is None:
-                return output
-            return self.attention(output, layer, residuals)
-        return hook
+def with_marker(block: nn.Sequential, index: int) -> TimestepEmbedSequential:
+    """A copy of output block ``block`` with decoder layer ``index``'s marker before its upsampler (or at its end)."""
+    layers = [(name, m) for name, m in block.named_children() if not isinstance(m, DecoderAttention)]
+    marked = TimestepEmbedSequential()
+    for name, module in layers:
+        if isinstance(module, Upsample):
+            marked.add_module(MARKER_NAME, DecoderAttention(index))
+        marked.add_module(name, module)
+    if MARKER_NAME not in marked._modules:
+        marked.add_module(MARKER_NAME, DecoderAttention(index))
+    return marked
 
 
 def patch_model(model: comfy.model_patcher.ModelPatcher,
                 attention: comfy.model_patcher.ModelPatcher) -> comfy.model_patcher.ModelPatcher:
     """A clone of ``model`` carrying the conditional attention (replacing any earlier XPSR patch)."""
+    blocks = len(model.get_model_object("diffusion_model.output_blocks"))
+    if blocks != len(attention.model):
+        raise ValueError(f"XPSR: the UNet has {blocks} decoder layers; the conditional attention expects "
+                         f"{len(attention.model)}")
     patched = model.clone()
-    patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, PATCH_KEY)
-    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, PATCH_KEY,
-                                 ConditionalAttentionWrapper(attention.model))
+    for i in range(blocks):
+        name = f"diffusion_model.output_blocks.{i}"
+        patched.add_object_patch(name, with_marker(model.get_model_object(name), i))
+    patches = patched.model_options["transformer_options"].setdefault("patches", {})
+    handlers = [p for p in patches.get("forward_timestep_embed_patch", []) if p[0] is not DecoderAttention]
+    patches["forward_timestep_embed_patch"] = handlers + [(DecoderAttention, conditional_attention_patch(attention.model))]
     patched.set_additional_models(PATCH_KEY, [attention])
     return patched
