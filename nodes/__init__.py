@@ -8,13 +8,14 @@ from comfy_api.latest import ComfyExtension, io
 
 from .apply import XPSRApply
 from .caption import XPSRCaption, XPSRCaptionDataset, XPSRMLLMLoader
+from .captioned_images import XPSRLoadCaptionedImages
 from .color_fix import XPSRColorFix
 from .loader import XPSRLoader
 from .prompt_encode import XPSRDualPromptEncode
 from .sampler import XPSRSampler
 
 NODES: list[type[io.ComfyNode]] = [XPSRLoader, XPSRDualPromptEncode, XPSRApply, XPSRSampler, XPSRMLLMLoader,
-                                   XPSRCaption, XPSRCaptionDataset, XPSRColorFix]
+                                   XPSRCaption, XPSRCaptionDataset, XPSRLoadCaptionedImages, XPSRColorFix]
 
 
 class XPSRExtension(ComfyExtension):

@@ -32,6 +32,18 @@ def input_image() -> str:
 
 
 @pytest.fixture(scope="module")
+def captioned_dataset(input_image: str) -> str:
+    """The LR photo with caption files in the official layout, in ComfyUI's output folder (an allowed one)."""
+    dataset = Path(H.folder_paths.get_output_directory()) / "xpsr_test_dataset"
+    (dataset / "LR").mkdir(parents=True, exist_ok=True)
+    (dataset / "LR" / input_image).write_bytes((Path(H.folder_paths.get_input_directory()) / input_image).read_bytes())
+    for folder, caption in (("highlevel_prompt", "an astronaut in a white suit"), ("lowlevel_prompt_q", "blurry")):
+        (dataset / folder).mkdir(exist_ok=True)
+        (dataset / folder / f"{Path(input_image).stem}.txt").write_text(caption + "\n")
+    return str(dataset)
+
+
+@pytest.fixture(scope="module")
 def tiny_llm():
     pytest.importorskip("transformers")
     import tiny_vlm
@@ -42,9 +54,9 @@ def tiny_llm():
     H.folder_paths.folder_names_and_paths["LLM"] = ([str(base)], set())
 
 
-def with_tiny_models(prompt: dict, image: str) -> dict:
-    """The real files a user would have, replaced by the test's tiny models; fewer steps and tokens for the CPU,
-    and tiles shrunk with the image so that the tiled workflow still tiles."""
+def with_tiny_models(prompt: dict, image: str, dataset: str) -> dict:
+    """The real files a user would have, replaced by the test's tiny models and image (or captioned dataset); fewer
+    steps and tokens for the CPU, and tiles shrunk with the image so that the tiled workflow still tiles."""
     for node in prompt.values():
         inputs = node["inputs"]
         if node["class_type"] == "CheckpointLoaderSimple":
@@ -55,6 +67,8 @@ def with_tiny_models(prompt: dict, image: str) -> dict:
             inputs |= {"model": LLM, "dtype": "fp32"}
         elif node["class_type"] == "LoadImage":
             inputs["image"] = image
+        elif node["class_type"] == "XPSRLoadCaptionedImages":
+            inputs["dataset"] = dataset
         if "steps" in inputs:
             inputs["steps"] = 2
         if "max_new_tokens" in inputs:
@@ -64,9 +78,9 @@ def with_tiny_models(prompt: dict, image: str) -> dict:
     return prompt
 
 
-def test_there_are_the_four_example_workflows():
-    assert [w.stem for w in WORKFLOWS] == ["xpsr_chained_ksampler", "xpsr_large_image_tiles", "xpsr_manual_prompts",
-                                          "xpsr_mllm_captions"]
+def test_there_are_the_five_example_workflows():
+    assert [w.stem for w in WORKFLOWS] == ["xpsr_caption_files", "xpsr_chained_ksampler", "xpsr_large_image_tiles",
+                                          "xpsr_manual_prompts", "xpsr_mllm_captions"]
     assert all(w.with_suffix(".jpg").is_file() for w in WORKFLOWS)
 
 
@@ -84,8 +98,8 @@ def test_workflow_validates_as_saved(path: Path, input_image: str):
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
-def test_workflow_runs_with_tiny_models(path: Path, input_image: str, tiny_llm):
-    prompt = with_tiny_models(H.ui_to_api(json.loads(path.read_text())), input_image)
+def test_workflow_runs_with_tiny_models(path: Path, input_image: str, captioned_dataset: str, tiny_llm):
+    prompt = with_tiny_models(H.ui_to_api(json.loads(path.read_text())), input_image, captioned_dataset)
     executor, _ = H.run_ok(prompt)
     saved = [n for n, node in prompt.items() if node["class_type"] == "SaveImage"]
     images = executor.history_result["outputs"][saved[0]]["images"]
