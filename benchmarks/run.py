@@ -7,8 +7,11 @@ sampling step (CFG batch 2) of XPSR (patched MODEL + SFA-ControlNet) over the st
 with a stock ControlNet, beside the ratio of their FLOPs; the conditional attention's peak
 memory per token at growing token counts (linear memory gives a flat ratio); the peak memory
 of a whole step per output pixel; the time of a tiled step per megapixel from 512 to 2048 px
-(per output and per processed tile pixel: the official grid overlaps); and the captioning
-time per image with the MLLM's load/unload overhead. SD1.5 sizes, random weights. Results go
+(per output and per processed tile pixel: the official grid overlaps); with TorchCompileModel,
+the first (compiling) and the steady step of XPSR over the stock model, with Dynamo's graph,
+graph-break and recompile counts; a tiled step with one tile per model call over as many as
+memory allows; the XPSR weights' bytes in fp8 over fp16; and the captioning time per image
+with the MLLM's load/unload overhead. SD1.5 sizes, random weights. Results go
 to results.json and results.md.
 """
 
@@ -46,12 +49,15 @@ def _cpu_flash_attention_flops(query, key, value, *args, out_shape=None, **kwarg
     return sdpa_flop_count(query, key, value)
 
 
-def import_comfy(pytorch_attention: bool):
+def import_comfy(pytorch_attention: bool, vram: str | None = None):
+    """ComfyUI with the pack loaded; ``vram`` is a launch flag's name (lowvram, novram), set before its import."""
     sys.path.insert(0, os.environ["COMFYUI_PATH"])
     from comfy.cli_args import args
 
     args.cpu = not torch.cuda.is_available()
     args.use_pytorch_cross_attention = pytorch_attention
+    if vram:
+        setattr(args, vram, True)
     import nodes
 
     asyncio.run(nodes.load_custom_node(str(REPO), ignore=set(nodes.NODE_CLASS_MAPPINGS)))
@@ -71,7 +77,14 @@ def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return module
 
 
-def build(pack):
+def passthrough_override(attention, *args, **kwargs):
+    """An optimized_attention_override that calls the selected attention, as sage/flash patch nodes install theirs."""
+    return attention(*args, **kwargs)
+
+
+def build(pack, dtype: torch.dtype = torch.float32, override: bool = False):
+    """SD1.5 with a stock ControlNet, and with XPSR, all in ``dtype``; ``override`` installs a passthrough
+    attention override on both MODELs."""
     import comfy.cldm.cldm
     import comfy.controlnet
     import comfy.model_management as mm
@@ -85,22 +98,24 @@ def build(pack):
 
     device, offload = mm.get_torch_device(), mm.unet_offload_device()
     config = comfy.supported_models.SD15(dict(SD15_UNET))
-    config.set_inference_dtype(torch.float32, None)
+    config.set_inference_dtype(dtype, None)
     base = config.get_model({}, device=offload)
     randomize(base.diffusion_model)
     model = comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=offload)
+    if override:
+        model.model_options["transformer_options"]["optimized_attention_override"] = passthrough_override
 
-    stock_cn = randomize(comfy.cldm.cldm.ControlNet(hint_channels=3, **{k: v for k, v in SD15_UNET.items()
-                                                                        if k != "transformer_depth_output"}), 1)
+    stock_cn = randomize(comfy.cldm.cldm.ControlNet(hint_channels=3, dtype=dtype, **{
+        k: v for k, v in SD15_UNET.items() if k != "transformer_depth_output"}), 1)
     stock = comfy.controlnet.ControlNet(stock_cn, load_device=device)
 
     nodes_control = pack.nodes.control
     unet_patch = pack.nodes.unet_patch
-    attention_fn = sys.modules["comfy.ldm.modules.attention"].optimized_attention
+    attention_fn = pack.nodes.model_files.host_attention
     xpsr_cn = randomize(SFAControlNet(ControlNetConfig.from_dict(sd15 | {"use_lowlevel_prompt": True}),
-                                      attention=attention_fn), 2)
-    conditional = randomize(ConditionalAttention(UNetConfig.from_dict(sd15), attention=attention_fn), 3)
-    xpsr = nodes_control.XPSRControlNet(nodes_control.ControlModel(xpsr_cn, torch.float32), load_device=device)
+                                      attention=attention_fn, dtype=dtype), 2)
+    conditional = randomize(ConditionalAttention(UNetConfig.from_dict(sd15), attention=attention_fn, dtype=dtype), 3)
+    xpsr = nodes_control.XPSRControlNet(nodes_control.ControlModel(xpsr_cn, dtype), load_device=device)
     patched = unet_patch.patch_model(model, comfy.model_patcher.ModelPatcher(conditional, load_device=device,
                                                                              offload_device=offload))
     return model, stock, patched, xpsr
@@ -205,6 +220,71 @@ def tiled_throughput(pack, models: tuple, outputs: list[int], tile: int, overlap
     return rows
 
 
+def compile_cost(models: tuple, latent: int, repeats: int, backend: str) -> dict:
+    """TorchCompileModel's compile (comfy_api's set_torch_compile_wrapper) on the stock model + ControlNet and on
+    XPSR: the first step (cold compile, Dynamo reset before each) and the steady step, as XPSR / stock ratios."""
+    import torch._dynamo
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+    from torch._dynamo.utils import counters
+
+    model, stock, patched, xpsr = models
+    rows = {}
+    for name, (m, c, low) in {"stock": (model, stock, False), "xpsr": (patched, xpsr, True)}.items():
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = m.clone()
+        set_torch_compile_wrapper(compiled, backend=backend)
+        first = one_step(compiled, c, latent, low)
+        graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+        steady = statistics.median(one_step(compiled, c, latent, low) for _ in range(repeats))
+        rows[name] = {"first_s": first, "steady_s": steady, "graphs": graphs, "graph_breaks": breaks,
+                      "recompiled_after_first": counters["stats"]["unique_graphs"] - graphs}
+    torch._dynamo.reset()
+    return {"latent": latent, "backend": backend, **rows,
+            "first_ratio": rows["xpsr"]["first_s"] / rows["stock"]["first_s"],
+            "steady_ratio": rows["xpsr"]["steady_s"] / rows["stock"]["steady_s"]}
+
+
+def tile_batching(pack, models: tuple, outputs: list[int], tile: int, overlap: int, repeats: int) -> list[dict]:
+    """Time of one tiled XPSR step with every tile evaluated in its own model call (serial) and with as many tiles
+    per call as ComfyUI's memory estimate allows (batched), per output size."""
+    import comfy.patcher_extension
+
+    _, _, patched, xpsr = models
+    rows = []
+    for px in outputs:
+        times = {}
+        for name, max_tiles in (("serial", 1), ("batched", None)):
+            tiler = pack.nodes.tiled_sampling.TiledCondBatch(tile, overlap, max_tiles=max_tiles)
+            model = patched.clone()
+            model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, "bench_tiles", tiler)
+            one_step(model, xpsr, px // 8, True)
+            times[name] = statistics.median(one_step(model, xpsr, px // 8, True) for _ in range(repeats))
+        rows.append({"output_px": px, "tiles": tiler.tile_count(px // 8, px // 8), "serial_s": times["serial"],
+                     "batched_s": times["batched"], "batched_over_serial": times["batched"] / times["serial"]})
+    return rows
+
+
+def weight_memory(pack) -> dict:
+    """Bytes of the XPSR parts (SFA-ControlNet + conditional attention, SD1.5 sizes) stored in fp16 and in fp8
+    (built on the meta device: sizes only)."""
+    import comfy.model_management
+    import comfy.ops
+
+    core = importlib.import_module(f"{pack.__name__}.xpsr_core")
+    sd15 = importlib.import_module(f"{pack.__name__}.xpsr_core.sd15_configs").UNET
+    sizes = {}
+    for name, dtype in (("fp16", torch.float16), ("fp8_e4m3fn", torch.float8_e4m3fn)):
+        with torch.device("meta"):
+            parts = [core.SFAControlNet(core.ControlNetConfig.from_dict(sd15 | {"use_lowlevel_prompt": True}),
+                                        operations=comfy.ops.manual_cast, dtype=dtype),
+                     core.ConditionalAttention(core.UNetConfig.from_dict(sd15), operations=comfy.ops.manual_cast,
+                                               dtype=dtype)]
+        sizes[name] = sum(comfy.model_management.module_size(p) for p in parts)
+    return {"fp16_bytes": sizes["fp16"], "fp8_bytes": sizes["fp8_e4m3fn"],
+            "fp8_over_fp16": sizes["fp8_e4m3fn"] / sizes["fp16"]}
+
+
 def caption_cost(pack, images: int = 4, tokens: int = 32) -> dict:
     """Tiny-LLaVA caption time per image and the MLLM's load + unload overhead, as a ratio to it."""
     import tempfile
@@ -268,11 +348,12 @@ def attention_memory(sides: list[int]) -> list[dict]:
     return rows
 
 
-SECTIONS = ("attention_memory", "step", "step_memory", "tiled", "caption")
+SECTIONS = ("attention_memory", "step", "step_memory", "tiled", "compile", "tile_batching", "weight_memory", "caption")
 
 
 def markdown(results: dict) -> str:
-    lines = [f"Device {results['device']}, torch {results['torch']}, ComfyUI attention {results['attention_backend']}."]
+    lines = [f"Device {results['device']}, torch {results['torch']}, ComfyUI attention {results['attention_backend']}"
+             f"{' with an override' if results['override'] else ''}, {results['dtype']}, VRAM mode {results['vram']}."]
     if "step" in results:
         lines += ["", "## One sampling step (CFG batch 2), XPSR over stock SD1.5 + ControlNet", "",
                   "| latent | output | time ratio | FLOP ratio | XPSR GFLOPs | stock GFLOPs |",
@@ -294,6 +375,24 @@ def markdown(results: dict) -> str:
                   "| output | tiles | seconds | per output MP | per processed MP |", "|---|---|---|---|---|"]
         lines += [f"| {r['output_px']} px | {r['tiles']} | {r['seconds']:.1f} | {r['per_output_mp_ratio']:.2f} | "
                   f"{r['per_processed_mp_ratio']:.2f} |" for r in results["tiled"]]
+    if "compile" in results:
+        c = results["compile"]
+        lines += ["", f"## TorchCompileModel ({c['backend']}, latent {c['latent']}), XPSR over stock SD1.5 + ControlNet",
+                  "", "| | first step s | steady step s | graphs | graph breaks | recompiled after first |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {n} | {c[n]['first_s']:.1f} | {c[n]['steady_s']:.2f} | {c[n]['graphs']} | {c[n]['graph_breaks']} | "
+                  f"{c[n]['recompiled_after_first']} |" for n in ("stock", "xpsr")]
+        lines += ["", f"First-compile ratio {c['first_ratio']:.2f}, steady-step ratio {c['steady_ratio']:.2f}."]
+    if "tile_batching" in results:
+        lines += ["", "## Latent tiles: one model call per tile vs batched (one XPSR step)", "",
+                  "| output | tiles | serial s | batched s | batched / serial |", "|---|---|---|---|---|"]
+        lines += [f"| {r['output_px']} px | {r['tiles']} | {r['serial_s']:.2f} | {r['batched_s']:.2f} | "
+                  f"{r['batched_over_serial']:.2f} |" for r in results["tile_batching"]]
+    if "weight_memory" in results:
+        w = results["weight_memory"]
+        lines += ["", "## XPSR weights (SFA-ControlNet + conditional attention)", "",
+                  f"fp16 {w['fp16_bytes'] / 2**20:.0f} MiB, fp8_e4m3fn {w['fp8_bytes'] / 2**20:.0f} MiB "
+                  f"(ratio {w['fp8_over_fp16']:.2f})"]
     if "caption" in results:
         c = results["caption"]
         lines += ["", "## Captioning (tiny LLaVA)", "",
@@ -312,11 +411,19 @@ def main() -> int:
     parser.add_argument("--tile", type=int, default=64, help="latent tile size of the tiled benchmark (the 512 px "
                                                              "output is one tile, so work per processed pixel is equal)")
     parser.add_argument("--overlap", type=int, default=8, help="latent tile overlap of the tiled benchmark")
+    parser.add_argument("--compile-latent", type=int, default=32, help="latent size of the compile benchmark")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (TorchCompileModel's: "
+                                                                      "inductor)")
+    parser.add_argument("--batching-outputs", default="1024,2048", help="output sizes of the tile-batching benchmark")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--attention", choices=("pytorch", "comfy-default"), default="pytorch",
                         help="ComfyUI's attention backend: pytorch (SDPA, ComfyUI's choice on NVIDIA GPUs) or what "
                              "ComfyUI picks by default on this device (sub-quadratic on a CPU)")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"some of {','.join(SECTIONS)}")
+    parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="weights and compute of every model")
+    parser.add_argument("--override", action="store_true",
+                        help="install a passthrough optimized_attention_override on the MODELs (as sage/flash nodes do)")
+    parser.add_argument("--vram", choices=("lowvram", "novram"), help="ComfyUI's VRAM launch flag")
     args = parser.parse_args()
     if not os.environ.get("COMFYUI_PATH"):
         parser.error("set COMFYUI_PATH to a ComfyUI checkout: the step benchmark runs ComfyUI's own models")
@@ -324,8 +431,9 @@ def main() -> int:
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown section {sorted(unknown)[0]!r}; expected some of {','.join(SECTIONS)}")
-    pack = import_comfy(args.attention == "pytorch")
-    models = build(pack) if {"step", "step_memory", "tiled"} & set(sections) else None
+    pack = import_comfy(args.attention == "pytorch", args.vram)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16}[args.dtype]
+    models = build(pack, dtype, args.override) if {"step", "step_memory", "tiled", "compile", "tile_batching"} & set(sections) else None
 
     def ints(text: str) -> list[int]:
         return [int(v) for v in text.split(",")]
@@ -335,10 +443,15 @@ def main() -> int:
         "step": lambda: step_ratio(models, ints(args.sizes), args.repeats),
         "step_memory": lambda: step_memory(models, ints(args.memory_outputs)),
         "tiled": lambda: tiled_throughput(pack, models, ints(args.tiled_outputs), args.tile, args.overlap),
+        "compile": lambda: compile_cost(models, args.compile_latent, args.repeats, args.compile_backend),
+        "tile_batching": lambda: tile_batching(pack, models, ints(args.batching_outputs), args.tile, args.overlap,
+                                               args.repeats),
+        "weight_memory": lambda: weight_memory(pack),
         "caption": lambda: caption_cost(pack),
     }
     results = {"device": str(sys.modules["comfy.model_management"].get_torch_device()), "torch": torch.__version__,
-               "attention_backend": args.attention} | {name: runs[name]() for name in SECTIONS if name in sections}
+               "attention_backend": args.attention, "dtype": args.dtype, "override": args.override,
+               "vram": args.vram or "normal"} | {name: runs[name]() for name in SECTIONS if name in sections}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     (args.out / "results.md").write_text(markdown(results))
