@@ -8,7 +8,6 @@ folders under ``models/LLM``; nothing is downloaded.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +22,13 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from ..xpsr_core.captions import (HIGH_LEVEL_INSTRUCTION, LOW_LEVEL_INSTRUCTION, caption_paths, list_lr_images,
-                                  write_caption)
+from ..xpsr_core import caption_dataset
+from ..xpsr_core.caption_dataset import dual_instructions, open_rgb, write_dataset_captions
+from ..xpsr_core.captions import HIGH_LEVEL_INSTRUCTION, LOW_LEVEL_INSTRUCTION, list_lr_images
 from ..xpsr_core.image import to_rgb
-from ..xpsr_core.mllm import (DEFAULT_MAX_NEW_TOKENS, CaptionModel, CaptionModelError, caption_image,
-                              list_model_folders, load_caption_model)
+from ..xpsr_core.mllm import (DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, OFFICIAL_LOW_LEVEL, CaptionModel,
+                              CaptionModelError, Decoding, caption_rows, list_model_folders, load_caption_model,
+                              out_of_memory_advice)
 from .access import allowed_path, dataset_folder, require_remote_code_allowed
 from .common import CATEGORY, DTYPE_CHOICES, choose_dtype, register_model_folder
 
@@ -91,54 +92,40 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray((image.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy())
 
 
-def open_rgb(path: Path) -> Image.Image:
-    """An image file as RGB pixels, read as the official captioning scripts read it (no EXIF rotation)."""
-    with Image.open(path) as image:
-        return image.convert("RGB")
+def captions(mllm: MLLM, pictures: Iterable[Image.Image], count: int, instructions: list[tuple[str, Decoding]],
+             batch_size: int, keep_loaded: bool) -> Iterator[list[str]]:
+    """Each picture's captions, one per instruction, batch_size pictures per generate call, with progress,
+    interrupts and OOM advice.
 
-
-def captions(mllm: MLLM, pictures: Iterable[Image.Image], count: int, instructions: list[str], max_new_tokens: int,
-             keep_loaded: bool) -> Iterator[list[str]]:
-    """Each picture's captions, one per instruction, with progress, interrupts and OOM advice.
-
-    A generator, so a dataset is written picture by picture and an interrupt keeps what is done.
+    A generator, so a dataset is written batch by batch and an interrupt keeps what is done.
     """
     bar = comfy.utils.ProgressBar(count * len(instructions))
     mllm.load()
     try:
-        for picture in pictures:
-            row = []
-            for instruction in instructions:
-                row.append(caption_image(mllm.caption_model, picture, instruction, max_new_tokens,
-                                         on_token=mm.throw_exception_if_processing_interrupted))
-                bar.update(1)
+        for row in caption_rows(mllm.caption_model, pictures, instructions, batch_size,
+                                on_token=mm.throw_exception_if_processing_interrupted):
+            bar.update(len(instructions))
             yield row
     except torch.OutOfMemoryError as e:
-        raise ValueError(f"out of memory while captioning with {mllm.caption_model.path.name}: try dtype fp16 or bf16, "
-                         "a smaller model (e.g. Qwen2-VL-2B-Instruct) or fewer max_new_tokens, and keep_loaded off "
-                         "on other MLLM nodes") from e
+        raise ValueError(out_of_memory_advice(mllm.caption_model)) from e
     finally:
         if not keep_loaded:
             mllm.unload()
 
 
 def caption_targets(image: Path, overwrite: bool) -> list[Path | None]:
-    """The LR image's caption files to write, high level then low level; None for one that stays.
-
-    A file that exists (a dangling symlink too) is someone's caption and stays unless overwrite is on; an
-    image missing one caption is captioned for both and only the missing file is written. The image and
-    the files to write must resolve inside the allowed folders, so nothing is read or written through a
-    symlink that leads out of them.
-    """
+    """caption_dataset.caption_targets inside the allowed folders: the image and the files to write must resolve
+    inside them, so nothing is read or written through a symlink that leads out of them."""
     allowed_path(image, f"LR image {str(image)!r}")
-    paths = caption_paths(image)
-    targets = [p if overwrite or not os.path.lexists(p) else None for p in (paths.high_level, paths.low_level)]
+    targets = caption_dataset.caption_targets(image, overwrite)
     for target in filter(None, targets):
         allowed_path(target, f"caption file {str(target)!r}")
     return targets
 
 
 def _instruction_inputs() -> list:
+    """The inputs both caption nodes share; those added since the first release come last and are optional, so
+    prompts saved before them still validate, with the defaults."""
     return [
         io.String.Input("high_level_instruction", multiline=True, default=HIGH_LEVEL_INSTRUCTION,
                         tooltip="Asks for the content (official LLaVA instruction)."),
@@ -146,11 +133,41 @@ def _instruction_inputs() -> list:
                         tooltip="Asks for the quality (the paper's instruction; the official Q-Instruct script "
                                 "sends 'Describe and evaluate the quality of the image.')."),
         io.Int.Input("max_new_tokens", default=DEFAULT_MAX_NEW_TOKENS, min=1, max=2048,
-                     tooltip="Longest caption in tokens (official 170); decoding is greedy."),
+                     tooltip="Longest caption in tokens (official LLaVA: 170, greedy). The high-level caption is "
+                             "always greedy; the low-level one too unless low_level_num_beams is above 1."),
         io.Boolean.Input("keep_loaded", default=False,
                          tooltip="Keep the MLLM in memory after captioning; off frees it for diffusion at once. "
                                  "Either way ComfyUI evicts it when other models need the room."),
+        io.Int.Input("batch_size", optional=True, default=DEFAULT_BATCH_SIZE, min=1, max=256,
+                     tooltip="Images captioned together in one padded batch (both prompts at once when they are "
+                             "decoded alike); greedy captions are the same as one at a time. Out of memory halves it "
+                             "and retries."),
+        io.Int.Input("low_level_num_beams", optional=True, default=1, min=1, max=16,
+                     tooltip=f"Beam search for the low-level caption; 1: greedy. The official low-level captioner "
+                             f"(Q-Instruct XComposer) uses {OFFICIAL_LOW_LEVEL.num_beams} (do_sample=False, "
+                             "min_length=1)."),
+        io.Float.Input("low_level_repetition_penalty", optional=True, default=1.0, min=0.01, max=10.0, step=0.05,
+                       tooltip=f"Penalty on repeated tokens in the low-level caption; 1.0: none. Official "
+                               f"Q-Instruct: {OFFICIAL_LOW_LEVEL.repetition_penalty}."),
+        io.Float.Input("low_level_length_penalty", optional=True, default=1.0, min=-10.0, max=10.0, step=0.1,
+                       tooltip=f"Beam search's length penalty for the low-level caption (used with beams only). "
+                               f"Official Q-Instruct: {OFFICIAL_LOW_LEVEL.length_penalty}."),
+        io.Int.Input("low_level_max_new_tokens", optional=True, default=0, min=0, max=2048,
+                     tooltip=f"Longest low-level caption in tokens; 0: max_new_tokens. Official Q-Instruct: "
+                             f"{OFFICIAL_LOW_LEVEL.max_new_tokens}."),
     ]
+
+
+def instructions(high_level_instruction: str, low_level_instruction: str, max_new_tokens: int,
+                 low_level_num_beams: int, low_level_repetition_penalty: float, low_level_length_penalty: float,
+                 low_level_max_new_tokens: int) -> list[tuple[str, Decoding]]:
+    """The two instructions with their decoding, from the shared inputs; a bad setting names its input."""
+    try:
+        return dual_instructions(high_level_instruction, low_level_instruction, max_new_tokens, Decoding(
+            low_level_max_new_tokens or max_new_tokens, low_level_num_beams, low_level_repetition_penalty,
+            low_level_length_penalty))
+    except ValueError as e:
+        raise ValueError(f"{e} (the node's inputs max_new_tokens and low_level_*)") from e
 
 
 class XPSRMLLMLoader(io.ComfyNode):
@@ -205,9 +222,13 @@ class XPSRCaption(io.ComfyNode):
 
     @classmethod
     def execute(cls, mllm: MLLM, image: torch.Tensor, high_level_instruction: str, low_level_instruction: str,
-                max_new_tokens: int, keep_loaded: bool) -> io.NodeOutput:
-        rows = list(captions(mllm, (to_pil(i) for i in to_rgb(image)), image.shape[0],
-                             [high_level_instruction, low_level_instruction], max_new_tokens, keep_loaded))
+                max_new_tokens: int, keep_loaded: bool, batch_size: int = DEFAULT_BATCH_SIZE,
+                low_level_num_beams: int = 1, low_level_repetition_penalty: float = 1.0,
+                low_level_length_penalty: float = 1.0, low_level_max_new_tokens: int = 0) -> io.NodeOutput:
+        asked = instructions(high_level_instruction, low_level_instruction, max_new_tokens, low_level_num_beams,
+                             low_level_repetition_penalty, low_level_length_penalty, low_level_max_new_tokens)
+        rows = list(captions(mllm, (to_pil(i) for i in to_rgb(image)), image.shape[0], asked, batch_size,
+                             keep_loaded))
         return io.NodeOutput([r[0] for r in rows], [r[1] for r in rows])
 
 
@@ -238,16 +259,17 @@ class XPSRCaptionDataset(io.ComfyNode):
 
     @classmethod
     def execute(cls, mllm: MLLM, dataset: str, overwrite: bool, high_level_instruction: str,
-                low_level_instruction: str, max_new_tokens: int, keep_loaded: bool) -> io.NodeOutput:
+                low_level_instruction: str, max_new_tokens: int, keep_loaded: bool,
+                batch_size: int = DEFAULT_BATCH_SIZE, low_level_num_beams: int = 1,
+                low_level_repetition_penalty: float = 1.0, low_level_length_penalty: float = 1.0,
+                low_level_max_new_tokens: int = 0) -> io.NodeOutput:
+        asked = instructions(high_level_instruction, low_level_instruction, max_new_tokens, low_level_num_beams,
+                             low_level_repetition_penalty, low_level_length_penalty, low_level_max_new_tokens)
         folder = dataset_folder(dataset)
         images = list_lr_images(folder)
         jobs = [(image, targets) for image in images if any(targets := caption_targets(image, overwrite))]
-        rows = captions(mllm, (open_rgb(image) for image, _ in jobs), len(jobs),
-                        [high_level_instruction, low_level_instruction], max_new_tokens, keep_loaded)
-        for (_, targets), row in zip(jobs, rows):
-            for target, caption in zip(targets, row, strict=True):
-                if target is not None:
-                    write_caption(target, caption)
-        summary = f"captioned {len(jobs)} of {len(images)} LR images in {folder}"
+        written = sum(1 for _ in write_dataset_captions(
+            lambda pictures: captions(mllm, pictures, len(jobs), asked, batch_size, keep_loaded), jobs))
+        summary = f"captioned {written} of {len(images)} LR images in {folder}"
         return io.NodeOutput(summary, ui={"text": [summary]})
 

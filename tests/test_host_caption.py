@@ -14,6 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers", reason="MLLM captioning needs transformers")
 
 import torch  # noqa: E402
+import transformers  # noqa: E402
 
 import comfy_host as H  # noqa: E402  (skips this module without COMFYUI_PATH)
 import comfy.model_management as mm  # noqa: E402
@@ -36,14 +37,16 @@ def llm_folder():
 
 
 def caption_graph(model: str = MODELS["llava"], batch: int = 2, keep_loaded: bool = False, tokens: int = 6,
-                  trust_remote_code: bool = False) -> dict:
+                  trust_remote_code: bool = False, **settings) -> dict:
+    """Tiny MLLM captions feeding the tiny XPSR graph; ``settings`` are XPSR Caption's optional inputs."""
     prompt = H.graph(height=16, width=16, batch=batch, scale=2.0, seed=tokens)
     prompt |= {
         "20": {"class_type": "XPSRMLLMLoader", "inputs": {"model": model, "dtype": "fp32",
                                                            "trust_remote_code": trust_remote_code}},
         "21": {"class_type": "XPSRCaption", "inputs": {
             "mllm": ["20", 0], "image": ["4", 0], "high_level_instruction": "Describe the content.",
-            "low_level_instruction": "Describe the quality.", "max_new_tokens": tokens, "keep_loaded": keep_loaded}},
+            "low_level_instruction": "Describe the quality.", "max_new_tokens": tokens, "keep_loaded": keep_loaded,
+            **settings}},
     }
     prompt["3"]["inputs"] |= {"high_level": ["21", 0], "low_level": ["21", 1]}
     return prompt
@@ -249,15 +252,42 @@ def test_missing_model_folder_is_a_clear_error():
     assert not executor.success and "MLLM folder 'nowhere/model' not found" in H.error_message(executor)
 
 
-def test_out_of_memory_is_reported_with_what_to_try(monkeypatch):
-    caption = H.pack_module("nodes.caption")
+def test_out_of_memory_halves_the_batch_then_is_reported_with_what_to_try(monkeypatch):
+    batches = []
 
-    def out_of_memory(*args, **kwargs):
+    def out_of_memory(self, **kwargs):
+        batches.append(kwargs["input_ids"].shape[0])
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(caption, "caption_image", out_of_memory)
+    monkeypatch.setattr(transformers.LlavaForConditionalGeneration, "generate", out_of_memory)
     executor, _ = H.run(caption_graph(tokens=11))
     message = H.error_message(executor)
-    assert not executor.success and "out of memory while captioning with llava-tiny" in message
+    assert batches == [4, 2]
+    assert not executor.success and "out of memory while captioning with llava-tiny, even one image at a time" in message
     assert "dtype fp16 or bf16" in message
     assert not mllm_loaded()
+
+
+def test_a_batch_captions_as_one_image_at_a_time():
+    """The tiny models never stop early, so every caption is max_new_tokens long and the batch is padded left."""
+    one_at_a_time, _ = H.run_ok(caption_graph(batch=3, tokens=13, batch_size=1))
+    batched, _ = H.run_ok(caption_graph(batch=3, tokens=13))
+    assert [batched.caches.outputs.get("21")[i] for i in (0, 1)] == [
+        one_at_a_time.caches.outputs.get("21")[i] for i in (0, 1)]
+
+
+def test_low_level_decoding_settings_reach_generate(monkeypatch):
+    calls = []
+    generate = transformers.LlavaForConditionalGeneration.generate
+
+    def spy(self, **kwargs):
+        calls.append({k: kwargs.get(k) for k in ("num_beams", "repetition_penalty", "length_penalty",
+                                                 "max_new_tokens")} | {"sequences": kwargs["input_ids"].shape[0]})
+        return generate(self, **kwargs)
+
+    monkeypatch.setattr(transformers.LlavaForConditionalGeneration, "generate", spy)
+    H.run_ok(caption_graph(tokens=3, low_level_num_beams=2, low_level_repetition_penalty=1.5,
+                           low_level_length_penalty=0.5, low_level_max_new_tokens=4))
+    assert calls == [
+        {"num_beams": 1, "repetition_penalty": 1.0, "length_penalty": None, "max_new_tokens": 3, "sequences": 2},
+        {"num_beams": 2, "repetition_penalty": 1.5, "length_penalty": 0.5, "max_new_tokens": 4, "sequences": 2}]

@@ -100,14 +100,14 @@ def spy_generate(monkeypatch: pytest.MonkeyPatch):
 
 @pytest.fixture
 def spy_processor(monkeypatch: pytest.MonkeyPatch):
-    """Records the text each processor call receives."""
+    """Records the texts the processor calls receive, one per prompt of each batch."""
     def install(model: mllm.CaptionModel) -> list[str]:
         texts: list[str] = []
         processor_class = type(model.processor)
         original = processor_class.__call__
 
         def call(self, *args, **kwargs):
-            texts.append(kwargs["text"])
+            texts.extend(kwargs["text"])
             return original(self, *args, **kwargs)
 
         monkeypatch.setattr(processor_class, "__call__", call)
@@ -505,3 +505,79 @@ def test_missing_caption_file_and_lr_folder_are_named(tmp_path: Path) -> None:
         captions.read_caption(missing)
     with pytest.raises(FileNotFoundError, match="no LR folder"):
         captions.list_lr_images(tmp_path)
+
+
+INSTRUCTIONS = [captions.HIGH_LEVEL_INSTRUCTION, captions.LOW_LEVEL_INSTRUCTION]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_padded_batch_gives_each_image_the_captions_it_gets_alone(loaded: dict, spy_generate, kind: str) -> None:
+    """Three images of different sizes, both instructions (prompts of different lengths) in one generate call."""
+    alone = [[caption_image(loaded[kind], image, instruction, max_new_tokens=FEW_TOKENS) for instruction in INSTRUCTIONS]
+             for image in images()]
+    spy = spy_generate(loaded[kind])
+    greedy = mllm.Decoding(max_new_tokens=FEW_TOKENS)
+    batched = list(mllm.caption_rows(loaded[kind], images(), [(i, greedy) for i in INSTRUCTIONS], batch_size=3))
+    assert batched == alone
+    assert [ids.shape[0] for ids in spy.input_ids] == [6]
+    attention = spy.kwargs[0]["attention_mask"]
+    assert (attention[:, -1] == 1).all() and (attention[:, 0] == 0).any()
+
+
+def test_batches_hold_batch_size_images_and_keep_their_order(loaded: dict, spy_generate) -> None:
+    spy = spy_generate(loaded["llava"])
+    greedy = mllm.Decoding(max_new_tokens=2)
+    pictures = images() * 2
+    rows = list(mllm.caption_rows(loaded["llava"], pictures, [("Describe.", greedy)], batch_size=4))
+    assert [ids.shape[0] for ids in spy.input_ids] == [4, 2]
+    assert rows == [[caption_image(loaded["llava"], p, "Describe.", max_new_tokens=2)] for p in pictures]
+
+
+def test_instructions_decoded_differently_get_calls_of_their_own(loaded: dict, spy_generate) -> None:
+    spy = spy_generate(loaded["llava"])
+    low = mllm.Decoding(max_new_tokens=3, num_beams=2, repetition_penalty=1.5, length_penalty=0.5)
+    rows = list(mllm.caption_rows(loaded["llava"], images()[:2], [("Describe.", mllm.Decoding(max_new_tokens=2)),
+                                                                   ("Judge the quality.", low)], batch_size=2))
+    assert len(rows) == 2 and all(len(row) == 2 and all(row) for row in rows)
+    assert [(k["num_beams"], k["repetition_penalty"], k.get("length_penalty")) for k in spy.kwargs] == [
+        (1, 1.0, None), (2, 1.5, 0.5)]
+    assert spy.new_tokens == [2, 3] and all(k["do_sample"] is False for k in spy.kwargs)
+
+
+def test_the_official_low_level_decoding_is_q_instructs_gen_config() -> None:
+    assert mllm.OFFICIAL_LOW_LEVEL == mllm.Decoding(max_new_tokens=500, num_beams=5, repetition_penalty=1.5,
+                                                    length_penalty=1.0)
+
+
+@pytest.mark.parametrize(("field", "value"), [("max_new_tokens", 0), ("num_beams", 0), ("repetition_penalty", 0.0)])
+def test_bad_decoding_settings_are_refused_by_name(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=field):
+        mllm.Decoding(**{field: value})
+
+
+def test_out_of_memory_halves_the_batch_and_retries(loaded: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = loaded["llava"]
+    generate, sizes = model.model.generate, []
+
+    def fits_two(**kwargs):
+        sizes.append(kwargs["input_ids"].shape[0])
+        if kwargs["input_ids"].shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return generate(**kwargs)
+
+    monkeypatch.setattr(model.model, "generate", fits_two)
+    greedy = [("Describe.", mllm.Decoding(max_new_tokens=2))]
+    rows = list(mllm.caption_rows(model, images() * 2, greedy, batch_size=5))
+    assert sizes == [5, 2, 2, 1, 1]
+    monkeypatch.undo()
+    assert rows == list(mllm.caption_rows(model, images() * 2, greedy, batch_size=1))
+
+
+def test_out_of_memory_at_one_image_propagates(loaded: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    def never_fits(**kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(loaded["llava"].model, "generate", never_fits)
+    with pytest.raises(torch.OutOfMemoryError):
+        list(mllm.caption_rows(loaded["llava"], images(), [("Describe.", mllm.Decoding())], batch_size=4))
+    assert "even one image at a time" in mllm.out_of_memory_advice(loaded["llava"])

@@ -1,16 +1,21 @@
 """Captioning with a multimodal LLM from a local Hugging Face folder, as XPSR writes its prompts.
 
 XPSR's high-level and low-level prompts are written by a vision-language model. This module loads
-such a model with transformers (4.45 and later, 5.x included) and captions one image the way the
-official scripts do: greedy decoding, the LLaVA-1.5 prompt string for LLaVA-1.5 and the processor's
-chat template for every other model, and the answer reduced to one clean line.
+such a model with transformers (4.45 and later, 5.x included) and captions images the way the
+official scripts do: greedy decoding (or the official low-level captioner's beam search), the LLaVA-1.5
+prompt string for LLaVA-1.5 and the processor's chat template for every other model, and the answer
+reduced to one clean line. Many images are captioned in one left-padded batch, which under greedy
+decoding gives each image the caption it gets alone.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any, Callable
 
@@ -231,6 +236,47 @@ def caption_prompt(model: CaptionModel, instruction: str) -> str:
     )
 
 
+@dataclass(frozen=True)
+class Decoding:
+    """How a caption is decoded. The default is the official LLaVA-1.5 high-level captioning: greedy, 170 tokens.
+
+    The official low-level captioner (Q-Instruct InternLM-XComposer-VL) searches 5 beams with a repetition
+    penalty of 1.5 and a length penalty of 1.0 for up to 500 new tokens (OFFICIAL_LOW_LEVEL). Never sampled,
+    so a caption depends only on the image, the instruction and the weights.
+    """
+
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    num_beams: int = 1
+    repetition_penalty: float = 1.0
+    length_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams must be at least 1, got {self.num_beams}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be above 0 (1.0: none), got {self.repetition_penalty}")
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """generate's decoding arguments; the length penalty only where beams use it (transformers warns otherwise)."""
+        kwargs = {"do_sample": False, "num_beams": self.num_beams, "max_new_tokens": self.max_new_tokens,
+                  "repetition_penalty": self.repetition_penalty, "temperature": None, "top_p": None, "top_k": None}
+        if self.num_beams > 1:
+            kwargs["length_penalty"] = self.length_penalty
+        return kwargs
+
+
+OFFICIAL_LOW_LEVEL = Decoding(max_new_tokens=500, num_beams=5, repetition_penalty=1.5, length_penalty=1.0)
+"""The official Q-Instruct XComposer gen_config (num_beams=5, do_sample=False, min_length=1, repetition_penalty=1.5,
+length_penalty=1.0, max_new_tokens=500); min_length=1 is what generation does anyway."""
+
+DEFAULT_BATCH_SIZE = 8
+"""Images captioned in one generate call: LLaVA-1.5-7B in fp16 needs about 0.4 GB of cache per 170-token caption."""
+
+_log = logging.getLogger(__name__)
+
+
 def caption_image(
     model: CaptionModel,
     image: Image.Image,
@@ -238,30 +284,105 @@ def caption_image(
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     on_token: Callable[[], None] | None = None,
 ) -> str:
-    """Caption one image by greedy decoding, as one clean line.
+    """Caption one image by greedy decoding, as one clean line (a batch of one of caption_batch)."""
+    return caption_batch(model, [(image, instruction)], Decoding(max_new_tokens=max_new_tokens), on_token)[0]
 
-    Greedy (no sampling, one beam) whatever the folder's generation config asks for, so a caption
-    depends only on the image, the instruction and the weights. on_token runs after every generated
-    token; an exception it raises ends generation and propagates, which is how a host cancels.
+
+def caption_batch(
+    model: CaptionModel,
+    requests: Sequence[tuple[Image.Image, str]],
+    decoding: Decoding = Decoding(),
+    on_token: Callable[[], None] | None = None,
+) -> list[str]:
+    """Caption (image, instruction) pairs in one generate call, one clean line each, in order.
+
+    The prompts are padded on the left by the processor's own batching, so every answer starts right after its
+    prompt and, under greedy decoding, equals the answer the pair gets alone. Decoding ignores whatever the
+    folder's generation config asks for. on_token runs after every generation step; an exception it raises ends
+    generation and propagates, which is how a host cancels.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    inputs = _model_inputs(model, image, caption_prompt(model, instruction))
+    if not requests:
+        return []
+    inputs = _model_inputs(model, [image for image, _ in requests],
+                           [caption_prompt(model, instruction) for _, instruction in requests])
     output = model.model.generate(
-        **inputs, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, temperature=None, top_p=None,
-        top_k=None, stopping_criteria=StoppingCriteriaList([_TokenCallback(on_token)] if on_token else []),
+        **inputs, **decoding.generate_kwargs(),
+        stopping_criteria=StoppingCriteriaList([_TokenCallback(on_token)] if on_token else []),
     )
-    new_tokens = output[0] if model.model.config.is_encoder_decoder else output[0, inputs["input_ids"].shape[1]:]
-    return clean_caption(model.processor.tokenizer.decode(new_tokens, skip_special_tokens=True))
+    new_tokens = output if model.model.config.is_encoder_decoder else output[:, inputs["input_ids"].shape[1]:]
+    return [clean_caption(text) for text in model.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
-def _model_inputs(model: CaptionModel, image: Image.Image, prompt: str) -> dict[str, Any]:
-    """Processor output on the model's device, floating tensors in its dtype (the caller may have moved it)."""
+def caption_rows(
+    model: CaptionModel,
+    pictures: Iterable[Image.Image],
+    instructions: Sequence[tuple[str, Decoding]],
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    on_token: Callable[[], None] | None = None,
+) -> Iterator[list[str]]:
+    """Each picture's captions, one per (instruction, decoding), generated batch_size pictures at a time.
+
+    Instructions decoded alike share one generate call (2 x batch_size sequences for XPSR's two greedy prompts);
+    others get a call each. A generator, so a dataset is written batch by batch and an interrupt keeps what is
+    done. Out of memory halves the batch and retries it, down to one picture; there it propagates.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    groups: dict[Decoding, list[int]] = {}
+    for index, (_, decoding) in enumerate(instructions):
+        groups.setdefault(decoding, []).append(index)
+    pending = iter(pictures)
+    while chunk := list(islice(pending, batch_size)):
+        while chunk:
+            part = chunk[:batch_size]
+            try:
+                rows = _caption_part(model, part, instructions, groups, on_token)
+            except torch.OutOfMemoryError:
+                if len(part) == 1:
+                    raise
+                batch_size = len(part) // 2
+                _free_cached_memory()
+                _log.warning("out of memory captioning %d images at once with %s; retrying %d at a time",
+                             len(part), model.path.name, batch_size)
+                continue
+            yield from rows
+            chunk = chunk[len(part):]
+
+
+def _caption_part(model: CaptionModel, pictures: list[Image.Image], instructions: Sequence[tuple[str, Decoding]],
+                  groups: dict[Decoding, list[int]], on_token: Callable[[], None] | None) -> list[list[str]]:
+    rows: list[list[str]] = [[""] * len(instructions) for _ in pictures]
+    for decoding, indices in groups.items():
+        requests = [(picture, instructions[i][0]) for i in indices for picture in pictures]
+        answers = iter(caption_batch(model, requests, decoding, on_token))
+        for i in indices:
+            for row in rows:
+                row[i] = next(answers)
+    return rows
+
+
+def _free_cached_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def out_of_memory_advice(model: CaptionModel) -> str:
+    """What to try when even one picture does not fit, for the node and the command alike."""
+    return (f"out of memory while captioning with {model.path.name}, even one image at a time: try dtype fp16 or "
+            "bf16, a smaller model (e.g. Qwen2-VL-2B-Instruct), fewer max_new_tokens or beams, and keep_loaded off "
+            "on other MLLM nodes")
+
+
+def _model_inputs(model: CaptionModel, images: list[Image.Image], prompts: list[str]) -> dict[str, Any]:
+    """Processor output for a left-padded batch on the model's device, floating tensors in its dtype."""
     tokenizer = model.processor.tokenizer
-    has_bos = tokenizer.bos_token is not None and prompt.startswith(tokenizer.bos_token)
-    inputs = model.processor(
-        images=image.convert("RGB"), text=prompt, return_tensors="pt", add_special_tokens=not has_bos
-    )
+    has_bos = tokenizer.bos_token is not None and prompts[0].startswith(tokenizer.bos_token)
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        inputs = model.processor(images=[image.convert("RGB") for image in images], text=prompts,
+                                 return_tensors="pt", padding=True, add_special_tokens=not has_bos)
+    finally:
+        tokenizer.padding_side = padding_side
     device, dtype = model.model.device, model.model.dtype
     return {key: _to_model(value, device, dtype) for key, value in inputs.items()}
 
