@@ -8,6 +8,11 @@ the MLLM graph) in one PromptExecutor, so models load once and evaluation measur
 what ComfyUI users get. Captions come from the official dataset layout (``--captions txt``:
 highlevel_prompt/ and lowlevel_prompt_q/ beside LR/), from an MLLM under models/LLM, or are
 empty. Results are written as <output>/<name>.png, ready for ``python -m xpsr_core.evaluate``.
+
+Each image's seed comes from --seed and its file name, results that exist are skipped (a crashed run resumes)
+and an image that fails is reported without stopping the others. Under ``torchrun --nproc_per_node N`` every
+process runs its own executor on its own device (cuda:LOCAL_RANK; the CPU with --cpu) over every N-th image, so
+the results do not depend on N, and rank 0 prints the summary.
 """
 
 from __future__ import annotations
@@ -17,10 +22,15 @@ import asyncio
 import importlib
 import os
 import sys
+import time
 import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.append(str(REPO))
+
+from xpsr_core import sharding  # noqa: E402  (torch only; ComfyUI is imported once the device is chosen)
+
 SAMPLER_DEFAULTS = {"scale": 4.0, "process_size": 512, "seed": 0, "steps": 20, "cfg": 4.5, "sampler_name": "ddpm",
                     "scheduler": "xpsr_official", "start": "official", "denoise": 1.0, "control_strength": 1.0,
                     "tile_size": 320, "tile_overlap": 8, "vae_tiling": "auto", "color_fix": "adain"}
@@ -62,6 +72,11 @@ def build_prompt(image: Path, base: dict, xpsr_model: str, sampler: dict, prompt
     return prompt
 
 
+def output_path(output: Path, image: Path) -> Path:
+    """Where an image's result goes; a result that exists there means the image is done."""
+    return output / f"{image.stem}.png"
+
+
 def captions_for(image: Path, source: str, captions) -> tuple[str, str]:
     """The image's official caption files when asked for (``captions`` is the pack's xpsr_core.captions)."""
     if source != "txt":
@@ -71,7 +86,7 @@ def captions_for(image: Path, source: str, captions) -> tuple[str, str]:
 
 
 class _Server:
-    """What PromptExecutor needs of ComfyUI's server when there is none."""
+    """What PromptExecutor needs of ComfyUI's server when there is none (errors stay in its status_messages)."""
 
     client_id = None
     last_node_id = None
@@ -79,47 +94,85 @@ class _Server:
     sockets_metadata: dict = {}
 
     def send_sync(self, event, data, sid=None):
-        if event == "execution_error":
-            print(f"  error in {data['node_type']}: {data['exception_message'].strip()}", file=sys.stderr)
+        pass
 
     def queue_updated(self):
         pass
 
 
-def run_folder(images: list[Path], output: Path, make_prompt, executor=None) -> list[Path]:
-    """Run the prompt of every image and save the XPSR Sampler's image as <output>/<name>.png."""
+def upscale_one(executor, image: Path, prompt: dict, output: Path) -> list[Path]:
+    """Run one image's prompt and save the XPSR Sampler's image(s); a failure raises with its reason.
+
+    Each result is written under a temporary name and renamed, so a run killed mid-write leaves no result that a
+    resumed run would take for done.
+    """
     import execution
 
     to_pil = importlib.import_module(f"{PACK_MODULE}.nodes.caption").to_pil
+    prompt_id = str(uuid.uuid4())
+    valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
+    if not valid[0]:
+        raise ValueError(f"the graph does not validate: {valid[1]['message']} {valid[3]}")
+    asyncio.run(executor.execute_async(prompt, prompt_id, extra_data={}, execute_outputs=valid[2]))
+    if not executor.success:
+        errors = [f"{data['node_type']}: {data['exception_message']}" for event, data in executor.status_messages
+                  if event == "execution_error"]
+        raise RuntimeError(errors[-1] if errors else "the graph failed")
+    result = executor.caches.outputs.get("7")[0][0]
+    paths = [output_path(output, image)] if len(result) == 1 else [output / f"{image.stem}_{b}.png"
+                                                                   for b in range(len(result))]
+    for picture, path in zip(result, paths):
+        to_pil(picture).save(path.with_name(f".{path.name}.partial"), format="PNG")
+    for path in paths:
+        path.with_name(f".{path.name}.partial").replace(path)
+    return paths
+
+
+def run_folder(images: list[Path], output: Path, make_prompt, ranks: sharding.Ranks = sharding.Ranks(),
+               executor=None) -> sharding.Report:
+    """Upscale this rank's share of ``images`` to <output>/<name>.png, skipping those done; failures are reported
+    in the result, never raised, so one bad image does not stop the others."""
+    import execution
 
     output.mkdir(parents=True, exist_ok=True)
     executor = executor or execution.PromptExecutor(_Server(), cache_type=execution.CacheType.CLASSIC)
-    written = []
-    for i, image in enumerate(images):
-        prompt = make_prompt(image)
-        prompt_id = str(uuid.uuid4())
-        valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
-        if not valid[0]:
-            raise ValueError(f"{image.name}: the graph does not validate: {valid[1]['message']} {valid[3]}")
-        asyncio.run(executor.execute_async(prompt, prompt_id, extra_data={}, execute_outputs=valid[2]))
-        if not executor.success:
-            raise RuntimeError(f"{image.name}: XPSR failed (see the error above)")
-        result = executor.caches.outputs.get("7")[0][0]
-        for b, picture in enumerate(result):
-            name = image.stem if len(result) == 1 else f"{image.stem}_{b}"
-            path = output / f"{name}.png"
-            to_pil(picture).save(path)
-            written.append(path)
-        print(f"[{i + 1}/{len(images)}] {image.name} -> {path.name}")
-    return written
+    report = sharding.Report(rank=ranks.rank)
+    mine = sharding.shard(images, ranks)
+    for i, image in enumerate(mine, 1):
+        progress = f"{ranks.label()}[{i}/{len(mine)}] {image.name}"
+        if output_path(output, image).exists():
+            report.skipped.append(image.name)
+            print(f"{progress}: done before, skipped", flush=True)
+            continue
+        start = time.perf_counter()
+        try:
+            written = upscale_one(executor, image, make_prompt(image), output)
+        except Exception as e:  # noqa: BLE001 - any failure of one image is reported and the run goes on
+            report.failed.append((image.name, " ".join(str(e).split()) or type(e).__name__))
+            print(f"{progress}: failed: {report.failed[-1][1]}", file=sys.stderr, flush=True)
+            continue
+        seconds = time.perf_counter() - start
+        report.done.append((image.name, seconds))
+        print(f"{progress} -> {', '.join(p.name for p in written)} ({seconds:.1f} s)", flush=True)
+    return report.finish()
 
 
-def start_comfy(cpu: bool):
-    """ComfyUI's modules with the pack loaded as ComfyUI loads custom nodes; returns the pack's core package."""
+def start_comfy(cpu: bool, ranks: sharding.Ranks = sharding.Ranks()):
+    """ComfyUI's modules with the pack loaded as ComfyUI loads custom nodes, on this rank's device; returns the
+    pack's core package.
+
+    The rank's GPU becomes the current CUDA device before ComfyUI's model management is imported, since that
+    picks torch's current device for everything it loads.
+    """
+    device = sharding.device(ranks, cpu)
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.set_device(device)
     sys.path.insert(0, os.environ["COMFYUI_PATH"])
     from comfy.cli_args import args
 
-    args.cpu = cpu
+    args.cpu = device.type == "cpu"
     import nodes
     import utils.extra_config
 
@@ -131,7 +184,7 @@ def start_comfy(cpu: bool):
     return importlib.import_module(f"{PACK_MODULE}.xpsr_core")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="scripts/upscale_folder.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", required=True, type=Path, help="folder of LR images (e.g. <set>/LR)")
     parser.add_argument("--output", required=True, type=Path, help="folder for the results (<name>.png)")
@@ -143,33 +196,54 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu", action="store_true", help="run on the CPU")
     for key, value in SAMPLER_DEFAULTS.items():
         parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value,
-                            help=f"XPSR Sampler's {key} (default {value})")
+                            help=f"XPSR Sampler's {key} (default {value})" + (
+                                "; each image's seed is derived from it and the image's name" if key == "seed" else ""))
     args = parser.parse_args(argv)
     if not os.environ.get("COMFYUI_PATH"):
         parser.error("set COMFYUI_PATH to your ComfyUI folder")
     if not args.input.is_dir():
         parser.error(f"--input {args.input} is not a folder")
-    images = sorted(p for p in args.input.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp", ".bmp"})
-    if not images:
+    if not list_images(args.input):
         parser.error(f"--input {args.input} holds no images")
-    sampler = {k: getattr(args, k) for k in SAMPLER_DEFAULTS}
-    base = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": args.checkpoint}}
-    core = start_comfy(args.cpu)
+    return args
+
+
+def list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp", ".bmp"})
+
+
+def upscale(args: argparse.Namespace, core, base: dict, ranks: sharding.Ranks) -> sharding.Report:
+    """This rank's share of --input upscaled with ``base`` (the node giving MODEL, CLIP and VAE)."""
     captions = importlib.import_module(f"{core.__name__}.captions")
     prompts = prompt_settings(importlib.import_module(f"{core.__name__}.prompts"))
 
     def make_prompt(image: Path) -> dict:
         high, low = captions_for(image, args.captions, captions)
+        sampler = {k: getattr(args, k) for k in SAMPLER_DEFAULTS} | {"seed": sharding.image_seed(args.seed, image.name)}
         return build_prompt(image, base, args.xpsr, sampler, prompts, high, low,
                             args.mllm if args.captions == "mllm" else None,
                             (captions.HIGH_LEVEL_INSTRUCTION, captions.LOW_LEVEL_INSTRUCTION))
 
-    try:
-        run_folder(images, args.output, make_prompt)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_folder(list_images(args.input), args.output, make_prompt, ranks)
+
+
+def finish(report: sharding.Report, ranks: sharding.Ranks) -> int:
+    """Rank 0 prints the summary of all ranks; 1 when an image failed anywhere."""
+    reports = sharding.gather(report, ranks)
+    sharding.stop()
+    if reports is None:
+        return 0
+    print(sharding.summary(reports, "upscaled", "image"), flush=True)
+    return 1 if any(r.failed for r in reports) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    ranks = sharding.ranks_from_env()
+    sharding.start(ranks)
+    core = start_comfy(args.cpu, ranks)
+    base = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": args.checkpoint}}
+    return finish(upscale(args, core, base, ranks), ranks)
 
 
 if __name__ == "__main__":
