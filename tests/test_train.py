@@ -103,9 +103,9 @@ def test_dataset_follows_the_official_sample_rules(tiny):
 
 
 def fixed_batch_loss(trainer: Trainer, batch: dict, draws: int = 8) -> float:
-    generator = torch.Generator().manual_seed(123)
+    generators = [torch.Generator().manual_seed(123 + i) for i in range(len(batch["keys"]))]
     with torch.no_grad():
-        losses = [batch_loss(trainer.trainable, trainer.base, batch, generator, training_alphas_cumprod(),
+        losses = [batch_loss(trainer.trainable, trainer.base, batch, generators, training_alphas_cumprod(),
                              trainer.objective).loss for _ in range(draws)]
     return float(torch.stack(losses).mean())
 

@@ -74,15 +74,17 @@ class SD15Base:
         return self.text_encoder(ids.to(self.text_encoder.device))[0]
 
     @torch.no_grad()
-    def encode_images(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def encode_images(self, images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
         """A sample (not the mode) of the VAE posterior, scaled; ``images`` in [-1, 1].
 
-        The noise comes from ``generator`` on the CPU, so a seeded run draws the same latents
-        on any device.
+        Each image's noise comes from its own generator on the CPU, so a seeded run draws the
+        same latents on any device, and an image's latent does not depend on its batch.
         """
+        if len(generators) != len(images):
+            raise ValueError(f"{len(images)} images but {len(generators)} generators; expected one per image")
         dist = self.vae.encode(images).latent_dist
-        noise = torch.randn(dist.mean.shape, generator=generator, dtype=dist.mean.dtype).to(dist.mean.device)
-        return (dist.mean + dist.std * noise) * self.vae.config.scaling_factor
+        noise = torch.stack([torch.randn(dist.mean.shape[1:], generator=g, dtype=dist.mean.dtype) for g in generators])
+        return (dist.mean + dist.std * noise.to(dist.mean.device)) * self.vae.config.scaling_factor
 
 
 def load_sd15(path: str | Path, *, configs: str | Path | None = None,

@@ -1,4 +1,5 @@
-"""``python -m xpsr_core.train --config configs/train_example.yaml``."""
+"""``python -m xpsr_core.train --config configs/train_example.yaml``, or under
+``torchrun --nproc_per_node N [--nnodes M ...] -m xpsr_core.train --config ...`` on N devices per node."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..errors import CheckpointError
 from .config import ConfigError, load_train_config
+from .distributed import process_group
 from .trainer import Trainer
 
 
@@ -18,10 +20,14 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Train XPSR (SFA-ControlNet + conditional attention) on SD1.5.")
     parser.add_argument("--config", required=True, help="YAML training config (see configs/train_example.yaml)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        with logging_redirect_tqdm():
-            Trainer(load_train_config(args.config)).run()
+        config = load_train_config(args.config)
+        with process_group(config.device) as ranks:
+            where = f"rank {ranks.rank} " if ranks.distributed else ""
+            logging.basicConfig(level=logging.INFO if ranks.is_main else logging.WARNING,
+                                format=f"%(asctime)s {where}%(name)s: %(message)s")
+            with logging_redirect_tqdm():
+                Trainer(config).run()
     except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

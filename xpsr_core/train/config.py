@@ -42,6 +42,7 @@ class TrainConfig:
     max_train_steps: int = 100_000
     train_batch_size: int = 2
     gradient_accumulation_steps: int = 2
+    shard_optimizer_state: bool = False
     learning_rate: float = 5e-5
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999

@@ -11,9 +11,12 @@ ControlNet also learns what a clean input looks like. The released train.py cond
 high-level branch on the empty string although the dataset reads the captions (mode
 ``empty``); the paper conditions it on the caption (mode ``caption``).
 
-All randomness of a sample comes from (seed, epoch, index), and the batch order from
-(seed, epoch), so batch ``k`` of a run is the same whether or not the run was resumed, and
-the same with any number of loader workers.
+All randomness of a sample comes from (seed, epoch, index): the crop and the HR swap here,
+the diffusion draws (VAE sample, noise, timestep) from ``noise_generator``. The batch order
+comes from (seed, epoch), so batch ``k`` of a run is the same whether or not the run was
+resumed, the same with any number of loader workers, and the same split over any number of
+processes: under torchrun each rank takes its slice of the global batch, so the ranks'
+batches together are the batch one process of the whole size would read.
 """
 
 from __future__ import annotations
@@ -85,10 +88,19 @@ def scan_pairs(roots: tuple[str, ...] | list[str], need_highlevel: bool) -> list
     return records
 
 
+def _generator(sequence: np.random.SeedSequence) -> torch.Generator:
+    return torch.Generator().manual_seed(int(sequence.generate_state(1, dtype=np.uint64)[0]))
+
+
 def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     """The generator of one sample's random choices, independent of the order samples are loaded in."""
-    state = np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state))
+    return _generator(np.random.SeedSequence([seed, epoch, index]))
+
+
+def noise_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The generator of one sample's diffusion draws: a stream of its own beside ``sample_generator``'s, so the
+    draws depend on the sample alone, not on which process or batch position trains it."""
+    return _generator(np.random.SeedSequence([seed, epoch, index], spawn_key=(1,)))
 
 
 def _load_rgb(path: Path) -> torch.Tensor:
@@ -126,6 +138,7 @@ class PairedDataset(Dataset):
             lowlevel = record.lowlevel_gt
         high = read_caption(record.highlevel) if self.highlevel_prompt == "caption" else ""
         return {
+            "key": (index, epoch),
             "control": hr if use_hr else lr,
             "target": hr * 2 - 1,
             "highlevel_prompt": high,
@@ -146,6 +159,7 @@ class PairedDataset(Dataset):
 
 def collate(samples: list[dict]) -> dict:
     return {
+        "keys": [s["key"] for s in samples],
         "control": torch.stack([s["control"] for s in samples]),
         "target": torch.stack([s["target"] for s in samples]),
         "highlevel_prompt": [s["highlevel_prompt"] for s in samples],
@@ -154,20 +168,30 @@ def collate(samples: list[dict]) -> dict:
 
 
 class ResumableBatchSampler(Sampler):
-    """Batches of (index, epoch) keys from batch ``start`` on: each epoch a fresh permutation, the last partial
-    batch dropped, so every batch has the configured size."""
+    """This rank's batches of (index, epoch) keys from batch ``start`` on.
 
-    def __init__(self, size: int, batch_size: int, seed: int, start: int = 0):
-        if size < batch_size:
-            raise ConfigError(f"the training set has {size} pairs, fewer than train_batch_size {batch_size}")
+    Each epoch is a fresh permutation cut into global batches of ``batch_size x world_size``
+    (the last partial one dropped, so every batch has the configured size); rank ``r`` reads
+    slice ``r`` of each. The order depends only on the seed and the batch number, so a resumed
+    run reads what an uninterrupted one would, and one process with ``world_size`` times the
+    batch reads the union of the ranks' batches.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1):
+        if size < batch_size * world_size:
+            processes = f" x {world_size} processes = {batch_size * world_size}" if world_size > 1 else ""
+            raise ConfigError(f"the training set has {size} pairs, fewer than train_batch_size {batch_size}"
+                              f"{processes}")
         self.size, self.batch_size, self.seed, self.start = size, batch_size, seed, start
-        self.per_epoch = size // batch_size
+        self.rank, self.world_size = rank, world_size
+        self.per_epoch = size // (batch_size * world_size)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         batch = self.start
+        width = self.batch_size * self.world_size
         while True:
             epoch, position = divmod(batch, self.per_epoch)
             order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch))
-            chunk = order[position * self.batch_size:(position + 1) * self.batch_size]
-            yield [(int(i), epoch) for i in chunk]
+            first = position * width + self.rank * self.batch_size
+            yield [(int(i), epoch) for i in order[first:first + self.batch_size]]
             batch += 1
