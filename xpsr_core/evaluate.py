@@ -121,7 +121,7 @@ def evaluate(pred_dir: Path, gt_dir: Path, metrics: list[str], crop_border: int 
     return report
 
 
-def _weights(values: list[str]) -> dict[str, str]:
+def parse_weights(values: list[str]) -> dict[str, str]:
     out = {}
     for value in values:
         name, sep, path = value.partition("=")
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown metric {unknown[0]!r}; expected some of {','.join(ALL_METRICS)}")
     try:
-        report = evaluate(args.pred, args.gt, metrics, args.crop_border, _weights(args.weights), args.device)
+        report = evaluate(args.pred, args.gt, metrics, args.crop_border, parse_weights(args.weights), args.device)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
