@@ -300,9 +300,10 @@ def caption_cost(pack, images: int = 4, tokens: int = 32) -> dict:
     caption = pack.nodes.caption
     pictures = [caption.to_pil(torch.rand(64, 64, 3)) for _ in range(images)]
     mllm = caption.load_mllm("llava-tiny", "fp32", False)
-    list(caption.captions(mllm, pictures[:1], 1, ["Describe."], tokens, True))
+    describe = [("Describe.", importlib.import_module(f"{pack.__name__}.xpsr_core.mllm").Decoding(tokens))]
+    list(caption.captions(mllm, pictures[:1], 1, describe, 1, True))
     start = time.perf_counter()
-    list(caption.captions(mllm, pictures, images, ["Describe."], tokens, True))
+    list(caption.captions(mllm, pictures, images, describe, 1, True))
     per_image = (time.perf_counter() - start) / images
     start = time.perf_counter()
     mllm.unload()
@@ -311,6 +312,39 @@ def caption_cost(pack, images: int = 4, tokens: int = 32) -> dict:
     mllm.unload()
     return {"images": images, "new_tokens": tokens, "seconds_per_image": per_image,
             "load_unload_seconds": overhead, "load_unload_over_caption": overhead / per_image}
+
+
+def caption_batching(pack, sizes: tuple[int, ...] = (1, 4, 16), images: int = 16, tokens: int = 16,
+                     repeats: int = 3) -> list[dict]:
+    """Tiny-LLaVA captions per second with both XPSR instructions (greedy) at each batch size (images per generate
+    call; the best of ``repeats`` passes after a warm-up pass), and the ratio to one image at a time, in one run."""
+    import tempfile
+
+    sys.path.insert(0, str(REPO / "tests"))
+    import tiny_vlm
+
+    def timed(run) -> float:
+        start = time.perf_counter()
+        run()
+        return time.perf_counter() - start
+
+    mllm = importlib.import_module(f"{pack.__name__}.xpsr_core.mllm")
+    captions = importlib.import_module(f"{pack.__name__}.xpsr_core.captions")
+    model = mllm.load_caption_model(tiny_vlm.build_llava(Path(tempfile.mkdtemp(prefix="bench_batch_")) / "llava"),
+                                    torch.float32)
+    g = torch.Generator().manual_seed(0)
+    pictures = [pack.nodes.caption.to_pil(torch.rand(64, 64, 3, generator=g)) for _ in range(images)]
+    asked = [(captions.HIGH_LEVEL_INSTRUCTION, mllm.Decoding(tokens)), (captions.LOW_LEVEL_INSTRUCTION,
+                                                                         mllm.Decoding(tokens))]
+    rows = []
+    for size in sizes:
+        list(mllm.caption_rows(model, pictures, asked, size))  # a whole pass first: CPU kernels warm up per shape
+        seconds = min(timed(lambda: list(mllm.caption_rows(model, pictures, asked, size))) for _ in range(repeats))
+        rows.append({"batch": size, "captions": images * len(asked), "new_tokens": tokens, "seconds": seconds,
+                     "captions_per_second": images * len(asked) / seconds})
+    for row in rows:
+        row["speedup"] = row["captions_per_second"] / rows[0]["captions_per_second"]
+    return rows
 
 
 ATTENTION_PROBE = textwrap.dedent("""
@@ -348,7 +382,8 @@ def attention_memory(sides: list[int]) -> list[dict]:
     return rows
 
 
-SECTIONS = ("attention_memory", "step", "step_memory", "tiled", "compile", "tile_batching", "weight_memory", "caption")
+SECTIONS = ("attention_memory", "step", "step_memory", "tiled", "compile", "tile_batching", "weight_memory", "caption",
+            "caption_batching")
 
 
 def markdown(results: dict) -> str:
@@ -398,6 +433,11 @@ def markdown(results: dict) -> str:
         lines += ["", "## Captioning (tiny LLaVA)", "",
                   f"{c['seconds_per_image']:.3f} s per image ({c['new_tokens']} new tokens); load + unload "
                   f"{c['load_unload_seconds']:.3f} s = {c['load_unload_over_caption']:.2f} captions"]
+    if "caption_batching" in results:
+        lines += ["", "## Batched captioning (tiny LLaVA, both instructions, greedy)", "",
+                  "| images per batch | captions/s | over batch 1 |", "|---|---|---|"]
+        lines += [f"| {r['batch']} | {r['captions_per_second']:.2f} | {r['speedup']:.2f} |"
+                  for r in results["caption_batching"]]
     return "\n".join(lines) + "\n"
 
 
@@ -448,6 +488,7 @@ def main() -> int:
                                                args.repeats),
         "weight_memory": lambda: weight_memory(pack),
         "caption": lambda: caption_cost(pack),
+        "caption_batching": lambda: caption_batching(pack),
     }
     results = {"device": str(sys.modules["comfy.model_management"].get_torch_device()), "torch": torch.__version__,
                "attention_backend": args.attention, "dtype": args.dtype, "override": args.override,
