@@ -307,13 +307,6 @@ def load_workflow(frontend: FrontendPage, workflow: dict) -> dict:
     return report
 
 
-def load_api_prompt(page, prompt: dict) -> dict:
-    """Build a graph from an API-format prompt as the frontend does when a prompt is dropped in; return its UI JSON."""
-    page.evaluate("(p) => window.app.loadApiJson(p, 'workflow.json')", prompt)
-    _settle(page)
-    return page.evaluate("() => window.app.graph.serialize()")
-
-
 def screenshot(page, path: Path) -> None:
     """The whole graph, fitted into the canvas."""
     page.evaluate(FIT_VIEW)

@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 from tiny_sd15 import build_dataset, build_tiny_base, image_tensor
 from xpsr_core import build_models, load_checkpoint
 from xpsr_core.errors import CheckpointError
-from xpsr_core.from_unet import controlnet_from_unet, new_conditional_attention
+from xpsr_core.conditional_attention import ConditionalAttention
+from xpsr_core.from_unet import controlnet_from_unet
 from xpsr_core.sd15 import load_sd15
 from xpsr_core.train import ConfigError, Trainer, load_train_config, train_config_from_dict
 from xpsr_core.train.__main__ import main
@@ -80,7 +81,7 @@ def test_initialisation_follows_the_official_from_unet_rules(base):
     text_k = unet[block0.replace("attentions_connect", "attentions")]
     assert controlnet[block0].shape == text_k.shape  # C = 32 = the text width here: not copied all the same
     assert not torch.equal(controlnet[block0], text_k)
-    conditional = new_conditional_attention(base.unet.config)
+    conditional = ConditionalAttention(base.unet.config)
     out_weights = [v for k, v in conditional.state_dict().items() if k.endswith("proj_out.weight")]
     assert len(out_weights) == 8 and all(w.abs().sum() > 0 for w in out_weights)  # random, not zero-init
 

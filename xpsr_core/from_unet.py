@@ -23,7 +23,6 @@ from dataclasses import fields
 
 import torch
 
-from .conditional_attention import ConditionalAttention
 from .config import ControlNetConfig, UNetConfig, UNetShape
 from .controlnet import SFAControlNet
 from .errors import CheckpointError
@@ -71,7 +70,3 @@ def controlnet_from_unet(unet: UNet2DCondition, fusion: str = "parallel") -> SFA
                 tensor.zero_()
     return controlnet
 
-
-def new_conditional_attention(config: UNetConfig) -> ConditionalAttention:
-    """The UNet's conditional attention with diffusers' default (random, not zero) initialisation."""
-    return ConditionalAttention(config)

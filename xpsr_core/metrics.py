@@ -8,7 +8,6 @@ nothing is ever downloaded, and a metric that cannot run is reported with the re
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -82,6 +81,3 @@ def learned_metric(name: str, device: str, weights: str | None) -> Callable | Un
         return Unavailable(f"its weights are not available offline ({type(e).__name__}: {reason}); pass "
                            f"--weights {name}=<path>")
 
-
-def is_finite(value: float) -> bool:
-    return not (math.isnan(value) or math.isinf(value))

@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 from ..attention import set_gradient_checkpointing
 from ..checkpoint import load_checkpoint
 from ..errors import CheckpointError
-from ..from_unet import controlnet_from_unet, new_conditional_attention
+from ..conditional_attention import ConditionalAttention
+from ..from_unet import controlnet_from_unet
 from ..sd15 import SD15Base, load_sd15
 from .checkpoints import list_checkpoints, prune_checkpoints, read_training_state, write_checkpoint
 from .config import ConfigError, TrainConfig
@@ -91,7 +92,7 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             controlnet = controlnet_from_unet(self.base.unet)
-            conditional = new_conditional_attention(self.base.unet.config)
+            conditional = ConditionalAttention(self.base.unet.config)  # random init, as diffusers
         self.trainable = XPSRTrainable(controlnet, conditional).to(self.device).train()
         set_gradient_checkpointing(self.trainable, config.gradient_checkpointing)
         set_gradient_checkpointing(self.base.unet, config.gradient_checkpointing)
