@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..xpsr_core.color import color_fix
+from ..xpsr_core.color import COLOR_FIXES, color_fix
 from ..xpsr_core.image import resize, to_rgb
 from .common import CATEGORY
-
-METHODS = ("adain", "wavelet")
 
 
 class XPSRColorFix(io.ComfyNode):
@@ -23,7 +21,7 @@ class XPSRColorFix(io.ComfyNode):
             inputs=[
                 io.Image.Input("image", tooltip="The restored image."),
                 io.Image.Input("reference", tooltip="The LR image (any size; it is resized to the image's size)."),
-                io.Combo.Input("method", options=list(METHODS), default="adain",
+                io.Combo.Input("method", options=list(COLOR_FIXES), default="adain",
                                tooltip="adain (official): per-channel mean and spread; wavelet: low frequencies."),
             ],
             outputs=[io.Image.Output(display_name="image", tooltip="The image with the reference's colours.")],

@@ -11,7 +11,7 @@ import comfy.samplers
 import comfy.utils
 from comfy_api.latest import io
 
-from ..xpsr_core.color import METHODS as COLOR_FIXES
+from ..xpsr_core.color import COLOR_FIX_CHOICES
 from ..xpsr_core.color import color_fix as apply_color_fix
 from ..xpsr_core.image import pipeline_bytes, resize, to_rgb, upscale_for_processing
 from .apply import attach_control
@@ -105,7 +105,7 @@ class XPSRSampler(io.ComfyNode):
                 io.Combo.Input("vae_tiling", options=list(VAE_TILING), default="auto",
                                tooltip="ComfyUI's tiled VAE encode/decode; auto tiles where the official pipeline "
                                        "does (images above 1088 px to encode, above ~1968 px to decode)."),
-                io.Combo.Input("color_fix", options=list(COLOR_FIXES), default="adain",
+                io.Combo.Input("color_fix", options=list(COLOR_FIX_CHOICES), default="adain",
                                tooltip="Restore the LR image's colours: adain (official), wavelet, or none."),
             ],
             outputs=[

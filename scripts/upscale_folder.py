@@ -30,6 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.append(str(REPO))
 
 from xpsr_core import sharding  # noqa: E402  (torch only; ComfyUI is imported once the device is chosen)
+from xpsr_core.errors import one_line  # noqa: E402
+from xpsr_core.image import IMAGE_SUFFIXES  # noqa: E402
 
 SAMPLER_DEFAULTS = {"scale": 4.0, "process_size": 512, "seed": 0, "steps": 20, "cfg": 4.5, "sampler_name": "ddpm",
                     "scheduler": "xpsr_official", "start": "official", "denoise": 1.0, "control_strength": 1.0,
@@ -148,7 +150,7 @@ def run_folder(images: list[Path], output: Path, make_prompt, ranks: sharding.Ra
         try:
             written = upscale_one(executor, image, make_prompt(image), output)
         except Exception as e:  # noqa: BLE001 - any failure of one image is reported and the run goes on
-            report.failed.append((image.name, " ".join(str(e).split()) or type(e).__name__))
+            report.failed.append((image.name, one_line(e) or type(e).__name__))
             print(f"{progress}: failed: {report.failed[-1][1]}", file=sys.stderr, flush=True)
             continue
         seconds = time.perf_counter() - start
@@ -209,7 +211,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp", ".bmp"})
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def upscale(args: argparse.Namespace, core, base: dict, ranks: sharding.Ranks) -> sharding.Report:

@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .image import IMAGE_SUFFIXES
+
 HIGH_LEVEL_INSTRUCTION = "Please provide a descriptive summary of the content of this image."
 """What the official script asks LLaVA-1.5 for the high-level caption."""
 
@@ -32,7 +34,6 @@ HIGH_LEVEL_FOLDER = "highlevel_prompt"
 LOW_LEVEL_FOLDER = "lowlevel_prompt_q"
 LR_FOLDER = "LR"
 CAPTION_SUFFIX = ".txt"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 @dataclass(frozen=True)

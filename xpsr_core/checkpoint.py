@@ -29,7 +29,7 @@ from .attention import AttentionFunction, Operations, sdpa_attention
 from .conditional_attention import KEY_MARKER, ConditionalAttention
 from .config import ControlNetConfig, UNetConfig, read_config_file
 from .controlnet import SFAControlNet
-from .errors import CheckpointError
+from .errors import CheckpointError, first_line
 from .safetensors_io import read_header, write_streaming
 from .unet import UNet2DCondition
 
@@ -85,9 +85,9 @@ def _load_torch_file(path: Path) -> dict[str, torch.Tensor]:
             "(weights_only=True); convert it to .safetensors from a trusted environment"
         ) from e
     except Exception as e:  # torch raises several types for foreign or damaged files
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
-            f"{path}: could not be read as a PyTorch weights file ({reason}); is it truncated or not a state dict?"
+            f"{path}: could not be read as a PyTorch weights file ({first_line(e)}); is it truncated or not a "
+            "state dict?"
         ) from e
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path}: expected a dict of tensors (a state dict), found {type(sd).__name__}")
@@ -159,11 +159,13 @@ def _reject_foreign(keys: set[str] | dict[str, Any], file: Path, expected_kind: 
         raise CheckpointError(f"{file}: this is {kind}, not {expected_kind}")
 
 
-def _weights_in(folder: Path) -> Path:
-    for name in OFFICIAL_WEIGHT_NAMES:
+def find_weights_file(folder: Path, names: tuple[str, ...] = OFFICIAL_WEIGHT_NAMES, what: str = "weights file") -> Path:
+    """The first of ``names`` (in order of preference) that ``folder`` holds: the one picker for the weights of a
+    diffusers model folder (XPSR's controlnet/ and unet/ here, SD1.5's unet/ in sd15.py)."""
+    for name in names:
         if (folder / name).is_file():
             return folder / name
-    raise CheckpointError(f"{folder}: no weights file; expected one of {', '.join(OFFICIAL_WEIGHT_NAMES)}")
+    raise CheckpointError(f"{folder}: no {what}; expected one of {', '.join(names)}")
 
 
 @dataclass
@@ -194,12 +196,12 @@ def open_official(folder: str | Path) -> OfficialCheckpoint:
     cn_config = ControlNetConfig.from_dict(read_config_file(cn_config_path), str(cn_config_path))
     un_config = UNetConfig.from_dict(read_config_file(un_config_path), str(un_config_path))
 
-    cn_file = WeightFile(_weights_in(folder / "controlnet"))
+    cn_file = WeightFile(find_weights_file(folder / "controlnet"))
     _reject_foreign(cn_file.shapes, cn_file.path, "an XPSR ControlNet")
     cn_shapes = controlnet_shapes(cn_config)
     check_tensors(cn_file.shapes, cn_shapes, cn_file.path, "XPSR ControlNet")
 
-    un_file = WeightFile(_weights_in(folder / "unet"))
+    un_file = WeightFile(find_weights_file(folder / "unet"))
     _reject_foreign(un_file.shapes, un_file.path, "XPSR's UNet")
     ca_shapes = conditional_attention_shapes(un_config)
     check_tensors(un_file.shapes, {**stock_unet_shapes(un_config), **ca_shapes}, un_file.path,

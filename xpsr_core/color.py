@@ -10,7 +10,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-METHODS = ("adain", "wavelet", "none")
+COLOR_FIXES = ("adain", "wavelet")
+"""The colour fixes, adain the official one: what XPSR Color Fix offers."""
+COLOR_FIX_CHOICES = (*COLOR_FIXES, "none")
+"""What color_fix and XPSR Sampler's color_fix take: a fix, or none."""
 
 
 def _mean_std(x: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,4 +57,4 @@ def color_fix(image: torch.Tensor, reference: torch.Tensor, method: str) -> torc
         return wavelet_color_fix(image, reference)
     if method == "none":
         return image
-    raise ValueError(f"colour fix is {method!r}; expected one of {METHODS}")
+    raise ValueError(f"colour fix is {method!r}; expected one of {COLOR_FIX_CHOICES}")

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .image import IMAGE_SUFFIXES
 from .metrics import FULL_REFERENCE, LEARNED, LOWER_IS_BETTER, Unavailable, learned_metric, psnr_y, ssim_y
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 ALL_METRICS = ("psnr", "ssim", *LEARNED, "fid")
 
 
@@ -72,7 +72,7 @@ def image_pairs(pred_dir: Path, gt_dir: Path) -> list[tuple[Path, Path]]:
     preds, gts = images(pred_dir), images(gt_dir)
     missing = sorted(set(gts) - set(preds))
     if not gts:
-        raise ValueError(f"--gt {gt_dir} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise ValueError(f"--gt {gt_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     if missing:
         raise ValueError(f"--pred {pred_dir} lacks predictions for {len(missing)} ground-truth images, e.g. "
                          f"'{missing[0]}'; expected one image per ground-truth name")

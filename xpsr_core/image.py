@@ -12,6 +12,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
+"""The image files every folder reader takes (pairs, captions, training, evaluation, upscale_folder), in lower case:
+all PIL reads, so a dataset is the same set of images at every stage."""
+
 
 def to_rgb(image: torch.Tensor) -> torch.Tensor:
     """An IMAGE batch (B, H, W, C) as 3 channels: alpha dropped, grayscale expanded."""

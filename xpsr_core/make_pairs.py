@@ -22,8 +22,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .degradation import DegradationConfig, make_pair, minimum_size
+from .image import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 
 
 class PairsError(ValueError):

@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .errors import first_line
+
 FULL_REFERENCE = ("lpips", "dists")
 NO_REFERENCE = ("niqe", "musiq", "maniqa", "clipiqa")
 LEARNED = FULL_REFERENCE + NO_REFERENCE
@@ -77,7 +79,6 @@ def learned_metric(name: str, device: str, weights: str | None) -> Callable | Un
     try:
         return pyiqa.create_metric(name, device=device, as_loss=False, **options)
     except Exception as e:  # pyiqa raises network and file errors of many types when weights are absent
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return Unavailable(f"its weights are not available offline ({type(e).__name__}: {reason}); pass "
+        return Unavailable(f"its weights are not available offline ({type(e).__name__}: {first_line(e)}); pass "
                            f"--weights {name}=<path>")
 

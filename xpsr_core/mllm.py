@@ -26,6 +26,8 @@ from PIL import Image
 from transformers import AutoProcessor, StoppingCriteria, StoppingCriteriaList
 from transformers.models.auto import configuration_auto, modeling_auto
 
+from .errors import one_line
+
 DEFAULT_MAX_NEW_TOKENS = 170
 """The official LLaVA captioning length."""
 
@@ -180,12 +182,12 @@ def _load_processor(folder: Path, trust_remote_code: bool) -> Any:
         processor = AutoProcessor.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
     except ImportError as exc:
         raise CaptionModelError(
-            f"cannot load the processor of {folder}, a library it needs is missing: {_one_line(exc)}"
+            f"cannot load the processor of {folder}, a library it needs is missing: {one_line(exc)}"
         ) from exc
     except Exception as exc:
         raise CaptionModelError(
             f"cannot load the processor of {folder}: expected {_PROCESSOR_FILES} "
-            f"({type(exc).__name__}: {_one_line(exc)})"
+            f"({type(exc).__name__}: {one_line(exc)})"
         ) from exc
     missing = [part for part in ("image_processor", "tokenizer") if getattr(processor, part, None) is None]
     if missing:
@@ -194,11 +196,6 @@ def _load_processor(folder: Path, trust_remote_code: bool) -> Any:
             f"expected {_PROCESSOR_FILES}"
         )
     return processor
-
-
-def _one_line(exc: Exception) -> str:
-    """transformers' messages span lines; a node shows them in one."""
-    return " ".join(str(exc).split())
 
 
 def _chat_template(processor: Any) -> str | None:
@@ -222,7 +219,7 @@ def _load_model(folder: Path, auto_class: Any, dtype: torch.dtype | None, trust_
         )
     except Exception as exc:
         raise CaptionModelError(
-            f"cannot load the model weights in {folder}: {type(exc).__name__}: {_one_line(exc)}"
+            f"cannot load the model weights in {folder}: {type(exc).__name__}: {one_line(exc)}"
         ) from exc
 
 

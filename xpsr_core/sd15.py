@@ -25,9 +25,9 @@ from typing import Any, Iterator
 import torch
 
 from . import sd15_configs
-from .checkpoint import WeightFile, check_tensors, identify_foreign, stock_unet_shapes
+from .checkpoint import WeightFile, check_tensors, find_weights_file, identify_foreign, stock_unet_shapes
 from .config import UNetConfig, read_config_file
-from .errors import CheckpointError
+from .errors import CheckpointError, first_line
 from .unet import UNet2DCondition
 
 UNET_PREFIX = "model.diffusion_model."
@@ -129,19 +129,12 @@ def load_diffusers_folder(folder: str | Path) -> SD15Base:
                               f"diffusers folder has {', '.join(p + '/' for p in FOLDER_PARTS)}")
     unet_config = UNetConfig.from_dict(read_config_file(folder / "unet" / "config.json"),
                                        str(folder / "unet" / "config.json"))
-    unet = _load_unet(WeightFile(_unet_weights(folder / "unet")), unet_config)
+    unet = _load_unet(WeightFile(find_weights_file(folder / "unet", UNET_WEIGHT_NAMES, "UNet weights")), unet_config)
     vae = _from_pretrained(AutoencoderKL, folder / "vae", "a diffusers AutoencoderKL")
     text_encoder = _from_pretrained(CLIPTextModel, folder / "text_encoder", "a transformers CLIPTextModel")
     base = SD15Base(unet, vae, text_encoder, load_tokenizer(folder / "tokenizer"), folder)
     _check_compatible(base)
     return base
-
-
-def _unet_weights(folder: Path) -> Path:
-    for name in UNET_WEIGHT_NAMES:
-        if (folder / name).is_file():
-            return folder / name
-    raise CheckpointError(f"{folder}: no UNet weights; expected one of {', '.join(UNET_WEIGHT_NAMES)}")
 
 
 def _from_pretrained(cls: Any, folder: Path, what: str) -> Any:
@@ -151,12 +144,7 @@ def _from_pretrained(cls: Any, folder: Path, what: str) -> Any:
     try:
         return cls.from_pretrained(str(folder), local_files_only=True, torch_dtype=torch.float32, **options)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
-        raise CheckpointError(f"{folder}: could not be loaded as {what} ({_first_line(e)})") from e
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+        raise CheckpointError(f"{folder}: could not be loaded as {what} ({first_line(e)})") from e
 
 
 def load_tokenizer(folder: str | Path) -> Any:
@@ -170,7 +158,7 @@ def load_tokenizer(folder: str | Path) -> Any:
     try:
         return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{folder}: could not be loaded as a CLIP tokenizer ({_first_line(e)})") from e
+        raise CheckpointError(f"{folder}: could not be loaded as a CLIP tokenizer ({first_line(e)})") from e
 
 
 def _load_unet(weights: WeightFile, config: UNetConfig) -> UNet2DCondition:
@@ -276,7 +264,7 @@ def _shape_hint(config_name: str) -> Iterator[None]:
     try:
         yield
     except (CheckpointError, KeyError, IndexError, RuntimeError) as e:
-        raise CheckpointError(f"{e if isinstance(e, CheckpointError) else _first_line(e)}; it does not have the "
+        raise CheckpointError(f"{e if isinstance(e, CheckpointError) else first_line(e)}; it does not have the "
                               f"shape of {config_name} (base_configs: a folder with unet/, vae/ and text_encoder/ "
                               "config.json files for this model)") from e
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from ..losses import DFC_FORMS
+from ..losses import DFC_FORMS, DFC_WEIGHT
 
 
 class ConfigError(ValueError):
@@ -37,7 +37,7 @@ class TrainConfig:
     highlevel_prompt: str = "empty"
     original_image_ratio: float = 0.1
     dfc_form: str = "official"
-    dfc_weight: float = 0.05
+    dfc_weight: float = DFC_WEIGHT
     seed: int = 0
     max_train_steps: int = 100_000
     train_batch_size: int = 2

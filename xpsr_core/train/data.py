@@ -31,11 +31,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
+from ..image import IMAGE_SUFFIXES
 from .config import ConfigError
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 HIGHLEVEL_DIR = "highlevel_prompt"
 LOWLEVEL_DIR = "lowlevel_prompt_q"
 LOWLEVEL_GT_DIR = "lowlevel_prompt_q_GT"

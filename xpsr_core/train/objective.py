@@ -18,7 +18,7 @@ from torch import nn
 
 from ..conditional_attention import ConditionalAttention
 from ..controlnet import ControlNetOutput, SFAControlNet
-from ..losses import diffusion_loss, dfc_loss
+from ..losses import DFC_WEIGHT, dfc_loss, diffusion_loss
 from ..schedule import TRAIN_TIMESTEPS, noise_to_level
 from ..sd15 import SD15Base
 from ..unet import UNet2DCondition
@@ -64,7 +64,7 @@ class Objective:
     """The loss settings: DFC form and weight, and the autocast dtype (None: full fp32)."""
 
     dfc_form: str = "official"
-    dfc_weight: float = 0.05
+    dfc_weight: float = DFC_WEIGHT
     autocast_dtype: torch.dtype | None = None
 
 
