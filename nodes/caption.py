@@ -43,7 +43,7 @@ def list_models() -> list[str]:
     return sorted({f for base in folder_paths.get_folder_paths(FOLDER) for f in list_model_folders(base)})
 
 
-class _Holder(nn.Module):
+class _MovableModel(nn.Module):
     """Gives ModelPatcher a plain module to move: transformers models expose a read-only ``device``."""
 
     def __init__(self, model: nn.Module):
@@ -82,7 +82,7 @@ def load_mllm(name: str, dtype: str, trust_remote_code: bool) -> MLLM:
         caption_model = load_caption_model(path, weight_dtype, trust_remote_code)
     except CaptionModelError as e:
         raise ValueError(str(e)) from e
-    patcher = comfy.model_patcher.ModelPatcher(_Holder(caption_model.model), load_device=device,
+    patcher = comfy.model_patcher.ModelPatcher(_MovableModel(caption_model.model), load_device=device,
                                                offload_device=mm.text_encoder_offload_device())
     return MLLM(caption_model, patcher)
 

@@ -53,7 +53,7 @@ def caption_graph(model: str = MODELS["llava"], batch: int = 2, keep_loaded: boo
 
 
 def mllm_loaded() -> bool:
-    return any(type(m.model.model).__name__ == "_Holder" for m in mm.current_loaded_models)
+    return any(type(m.model.model).__name__ == "_MovableModel" for m in mm.current_loaded_models)
 
 
 @pytest.mark.parametrize("kind", list(MODELS))

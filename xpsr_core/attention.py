@@ -163,7 +163,7 @@ class Transformer2D(Recomputable):
         return self.proj_out(hidden) + x
 
 
-def tokens(feature: torch.Tensor) -> torch.Tensor:
+def feature_map_to_tokens(feature: torch.Tensor) -> torch.Tensor:
     """A (B, C, H, W) feature map as (B, H*W, C) context tokens."""
     return feature.flatten(2).transpose(1, 2)
 

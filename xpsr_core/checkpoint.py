@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .attention import AttentionFunction, Operations, sdpa_attention
-from .conditional_attention import KEY_MARKER, ConditionalAttention
+from .conditional_attention import PIXEL_ATTENTIONS_KEY, ConditionalAttention
 from .config import ControlNetConfig, UNetConfig, read_config_file
 from .controlnet import SFAControlNet
 from .errors import CheckpointError, first_line
@@ -126,7 +126,7 @@ def identify_foreign(keys: set[str] | dict[str, Any]) -> str | None:
         return "a stock ControlNet in the original (ldm) layout"
     if "controlnet_cond_embedding.conv_in.weight" in keys and not any(".attentions_lowlevel." in k for k in keys):
         return "a stock ControlNet (no semantic-fusion attention: no down_blocks.*.attentions_lowlevel.* keys)"
-    if "conv_out.weight" in keys and any_prefix("up_blocks.") and not any(KEY_MARKER in k for k in keys):
+    if "conv_out.weight" in keys and any_prefix("up_blocks.") and not any(PIXEL_ATTENTIONS_KEY in k for k in keys):
         return "a stock SD UNet (no conditional attention: no up_blocks.*.pixel_attentions.* keys)"
     return None
 
@@ -226,7 +226,7 @@ def _metadata_config(meta: dict[str, str], key: str, path: Path) -> dict[str, An
         raise CheckpointError(f"{path}: metadata entry '{key}' is missing or not JSON; the file is damaged") from e
 
 
-def load_single_file(path: str | Path, dtype: torch.dtype | None = None) -> XPSRCheckpoint:
+def load_xpsr_single_file(path: str | Path, dtype: torch.dtype | None = None) -> XPSRCheckpoint:
     """Load the pack's single-file format."""
     path = Path(path)
     if not path.is_file():
@@ -261,7 +261,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None) -> XPSRC
     path = Path(path)
     if path.is_dir():
         return load_official(path, dtype)
-    return load_single_file(path, dtype)
+    return load_xpsr_single_file(path, dtype)
 
 
 def single_file_metadata(controlnet_config: ControlNetConfig, unet_config: UNetConfig) -> dict[str, str]:

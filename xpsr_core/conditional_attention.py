@@ -15,10 +15,11 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .attention import AttentionFunction, Operations, Transformer2D, sdpa_attention, tokens
+from .attention import AttentionFunction, Operations, Transformer2D, feature_map_to_tokens, sdpa_attention
 from .config import UNetConfig
 
-KEY_MARKER = ".pixel_attentions."
+PIXEL_ATTENTIONS_KEY = ".pixel_attentions."
+"""In every key of the conditional attention in an official XPSR UNet state dict (a UNet without it is stock SD)."""
 
 
 class _UpBlockPixelAttentions(nn.Module):
@@ -57,5 +58,5 @@ class ConditionalAttention(nn.Module):
         if len(residuals) != len(self.layers):
             raise ValueError(f"conditional attention needs {len(self.layers)} ControlNet residuals, got {len(residuals)}")
         d = self.layers[layer]
-        context = tokens(residuals[-1 - layer]).to(hidden.dtype)
+        context = feature_map_to_tokens(residuals[-1 - layer]).to(hidden.dtype)
         return self.up_blocks[d.block].pixel_attentions[d.layer](hidden, context, transformer_options)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import AttentionFunction, Operations, Transformer2D, sdpa_attention, tokens
+from .attention import AttentionFunction, Operations, Transformer2D, feature_map_to_tokens, sdpa_attention
 from .blocks import Downsample2D, ResnetBlock2D, TimestepEmbedding
 from .config import ControlNetConfig
 
@@ -80,7 +80,7 @@ def semantic_fusion(x: torch.Tensor, c_h: torch.Tensor, c_l: torch.Tensor | None
         return x_h
     if fusion == "serial":
         return low(x_h, c_l, transformer_options)
-    return connect(x_h, tokens(low(x, c_l, transformer_options)), transformer_options)
+    return connect(x_h, feature_map_to_tokens(low(x, c_l, transformer_options)), transformer_options)
 
 
 class SFADownBlock(nn.Module):

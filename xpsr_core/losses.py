@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from .controlnet import ControlNetOutput
 
 DFC_WEIGHT = 0.05
-"""lambda of the released train.py: the one default of every DFC weight (losses, Objective, TrainConfig)."""
+"""lambda of the released train.py: the one default of every DFC weight (losses, LossSettings, TrainConfig)."""
 DFC_FORMS = ("official", "paper")
 
 

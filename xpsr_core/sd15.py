@@ -101,7 +101,7 @@ def load_sd15(path: str | Path, *, configs: str | Path | None = None,
     if not path.is_file():
         raise CheckpointError(f"{path}: not found; expected an SD1.5 diffusers folder or a single-file "
                               "SD1.5 checkpoint (.safetensors)")
-    return load_single_file(path, configs=configs, tokenizer=tokenizer)
+    return load_sd15_single_file(path, configs=configs, tokenizer=tokenizer)
 
 
 def _reject_other_pipelines(folder: Path) -> None:
@@ -208,7 +208,7 @@ def _read_configs(configs: str | Path | None) -> tuple[dict, dict, dict, Path | 
     return raw[0], raw[1], raw[2], folder
 
 
-def load_single_file(path: str | Path, *, configs: str | Path | None = None,
+def load_sd15_single_file(path: str | Path, *, configs: str | Path | None = None,
                      tokenizer: str | Path | None = None) -> SD15Base:
     """Load SD1.5 from one ``.safetensors`` in the LDM layout, converting keys with diffusers' converters."""
     from diffusers import AutoencoderKL

@@ -60,7 +60,7 @@ class LossTerms:
 
 
 @dataclass(frozen=True)
-class Objective:
+class LossSettings:
     """The loss settings: DFC form and weight, and the autocast dtype (None: full fp32)."""
 
     dfc_form: str = "official"
@@ -69,7 +69,7 @@ class Objective:
 
 
 def batch_loss(trainable: nn.Module, base: SD15Base, batch: dict, generators: list[torch.Generator],
-               alphas_cumprod: torch.Tensor, objective: Objective) -> LossTerms:
+               alphas_cumprod: torch.Tensor, objective: LossSettings) -> LossTerms:
     """The loss of one batch from ``collate``, drawing from one generator per sample; ``trainable`` is an
     ``XPSRTrainable`` or its DistributedDataParallel wrapper. The frozen encoders run outside autocast, in fp32."""
     device = next(trainable.parameters()).device

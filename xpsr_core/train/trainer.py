@@ -33,15 +33,15 @@ from tqdm.auto import tqdm
 
 from ..attention import set_gradient_checkpointing
 from ..checkpoint import load_checkpoint
-from ..errors import CheckpointError
 from ..conditional_attention import ConditionalAttention
+from ..errors import CheckpointError
 from ..from_unet import controlnet_from_unet
 from ..sd15 import SD15Base, load_sd15
 from .checkpoints import list_checkpoints, prune_checkpoints, read_training_state, write_checkpoint
 from .config import ConfigError, TrainConfig
 from .data import PairedDataset, ResumableBatchSampler, collate, noise_generator
 from .distributed import current_ranks, resolve_device
-from .objective import LossTerms, Objective, XPSRTrainable, batch_loss, training_alphas_cumprod
+from .objective import LossSettings, LossTerms, XPSRTrainable, batch_loss, training_alphas_cumprod
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, constant_with_warmup(config.lr_warmup_steps))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.mixed_precision == "fp16")
         self.alphas_cumprod = training_alphas_cumprod()
-        self.objective = Objective(config.dfc_form, config.dfc_weight, AUTOCAST_DTYPES[config.mixed_precision])
+        self.objective = LossSettings(config.dfc_form, config.dfc_weight, AUTOCAST_DTYPES[config.mixed_precision])
         self.global_step = 0
         if config.resume_from_checkpoint:
             self._resume(config.resume_from_checkpoint)
