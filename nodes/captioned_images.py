@@ -17,9 +17,9 @@ import torch
 
 from comfy_api.latest import io
 
+from ..xpsr_core.caption_dataset import open_rgb
 from ..xpsr_core.captions import caption_paths, list_lr_images, read_caption
 from .access import allowed_path, dataset_folder
-from .caption import open_rgb
 from .common import CATEGORY
 
 MISSING_CAPTION_CHOICES = ("error", "empty")
@@ -56,7 +56,7 @@ def one_batch(images: list[torch.Tensor], paths: list[Path]) -> torch.Tensor:
     """The images as one IMAGE batch, which needs one size: otherwise an error listing the sizes."""
     sizes = {tuple(i.shape[1:3]) for i in images}
     if len(sizes) > 1:
-        listed = ", ".join(f"{p.name} {i.shape[2]}x{i.shape[1]}" for p, i in zip(paths, images))
+        listed = ", ".join(f"{p.name} {i.shape[2]}x{i.shape[1]}" for p, i in zip(paths, images, strict=True))
         raise ValueError(f"the LR images chosen have different sizes ({listed}) and one IMAGE batch needs one size: "
                          "choose images of one size with start and count, or count 1 to upscale one image per "
                          "queued prompt")

@@ -75,7 +75,7 @@ class XPSRControlNet(comfy.controlnet.ControlNet):
         super().__init__(control_model, extra_conds=[LOWLEVEL_KEY], **kwargs)
         self.upscale_algorithm = "bicubic"
 
-    def copy(self) -> "XPSRControlNet":
+    def copy(self) -> XPSRControlNet:
         c = XPSRControlNet(None, global_average_pooling=self.global_average_pooling, load_device=self.load_device,
                            manual_cast_dtype=self.manual_cast_dtype)
         c.control_model = self.control_model

@@ -77,8 +77,8 @@ def check_base_model(model: comfy.model_patcher.ModelPatcher, unet: UNetConfig, 
             raise ValueError(f"XPSR: the MODEL's UNet has {key} = {got}, but {source} was trained for {key} = {value}")
 
 
-def host_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, transformer_options: dict | None = None,
-                   attn_precision: torch.dtype | None = None) -> torch.Tensor:
+def host_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                   transformer_options: dict | None = None, attn_precision: torch.dtype | None = None) -> torch.Tensor:
     """XPSR's attentions through ComfyUI's attention selection, as the UNet's own CrossAttention calls it.
 
     ``optimized_attention`` is looked up per call (launch flags and nodes that replace it

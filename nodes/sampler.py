@@ -16,8 +16,17 @@ from ..xpsr_core.color import color_fix as apply_color_fix
 from ..xpsr_core.image import pipeline_bytes, resize, to_rgb, upscale_for_processing
 from .apply import attach_control
 from .common import CATEGORY, XPSRControlNetType
-from .sampling import (OFFICIAL_SCHEDULER, SCHEDULERS, STARTS, VAE_TILING, Progress, sampling_sigmas, start_latent,
-                       vae_decode, vae_encode)
+from .sampling import (
+    OFFICIAL_SCHEDULER,
+    SCHEDULERS,
+    STARTS,
+    VAE_TILING,
+    Progress,
+    sampling_sigmas,
+    start_latent,
+    vae_decode,
+    vae_encode,
+)
 from .tiled_sampling import TiledCondBatch
 
 TILES_KEY = "xpsr_latent_tiles"
@@ -51,8 +60,8 @@ def check_memory(batch: int, height: int, width: int, scale: float, process_size
     free = comfy.model_management.get_free_memory(comfy.model_management.intermediate_device())
     if needed > free:
         raise ValueError(f"an output of {int(width * scale)}x{int(height * scale)} px x {batch} needs about "
-                         f"{needed / 2**30:.1f} GiB for its images and {free / 2**30:.1f} GiB are free; lower the scale "
-                         "or the batch")
+                         f"{needed / 2**30:.1f} GiB for its images and {free / 2**30:.1f} GiB are free; lower the "
+                         "scale or the batch")
 
 
 class XPSRSampler(io.ComfyNode):

@@ -13,7 +13,7 @@ no residuals. The attention's weights are an additional model of the MODEL, so
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -82,6 +82,7 @@ def patch_model(model: comfy.model_patcher.ModelPatcher,
         patched.add_object_patch(name, with_marker(model.get_model_object(name), i))
     patches = patched.model_options["transformer_options"].setdefault("patches", {})
     handlers = [p for p in patches.get("forward_timestep_embed_patch", []) if p[0] is not DecoderAttention]
-    patches["forward_timestep_embed_patch"] = handlers + [(DecoderAttention, conditional_attention_patch(attention.model))]
+    handlers.append((DecoderAttention, conditional_attention_patch(attention.model)))
+    patches["forward_timestep_embed_patch"] = handlers
     patched.set_additional_models(PATCH_KEY, [attention])
     return patched

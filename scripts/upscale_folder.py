@@ -123,7 +123,7 @@ def upscale_one(executor, image: Path, prompt: dict, output: Path) -> list[Path]
     result = executor.caches.outputs.get("7")[0][0]
     paths = [output_path(output, image)] if len(result) == 1 else [output / f"{image.stem}_{b}.png"
                                                                    for b in range(len(result))]
-    for picture, path in zip(result, paths):
+    for picture, path in zip(result, paths, strict=True):
         to_pil(picture).save(path.with_name(f".{path.name}.partial"), format="PNG")
     for path in paths:
         path.with_name(f".{path.name}.partial").replace(path)
@@ -175,8 +175,9 @@ def start_comfy(cpu: bool, ranks: sharding.Ranks = sharding.Ranks()):
     from comfy.cli_args import args
 
     args.cpu = device.type == "cpu"
-    import nodes
     import utils.extra_config
+
+    import nodes
 
     extra = Path(os.environ["COMFYUI_PATH"]) / "extra_model_paths.yaml"
     if extra.is_file():

@@ -19,10 +19,10 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -38,7 +38,7 @@ new MutationObserver(records => { for (const r of records) for (const n of r.add
     if (!(n instanceof Element)) continue;
     for (const t of [n, ...n.querySelectorAll(%(toast)r)])
         if (t.matches(%(toast)r)) window.__toasts.push(t);  // read when taken: the content may come later
-} }).observe(document, {childList: true, subtree: true});""" % {"toast": TOAST}
+} }).observe(document, {childList: true, subtree: true});""" % {"toast": TOAST}  # noqa: UP031 (JS braces stay literal)
 # Newer frontends list a graph's errors (missing models, invalid values...) in an overlay instead of toasts.
 ERROR_OVERLAY = "[data-testid='error-overlay']"
 # Nodes saved smaller than the frontend's own minimum size for them (LGraphNode.computeSize).
@@ -298,7 +298,7 @@ def load_workflow(frontend: FrontendPage, workflow: dict) -> dict:
         broken: app.graph.nodes.filter(n => n.has_errors).map(n => n.type),
         dialogs: [...document.querySelectorAll('.p-dialog')].map(d => d.innerText.trim().split('\\n')[0]),
         errors: [...document.querySelectorAll(%r)].filter(e => e.offsetHeight > 0).map(e => e.innerText.trim()),
-    })""" % ERROR_OVERLAY)
+    })""" % ERROR_OVERLAY)  # noqa: UP031 (JS braces stay literal)
     report["cramped"] = page.evaluate(CRAMPED)
     report["truncated"] = page.evaluate(TRUNCATED)
     report["toasts"] = take_toasts(page)

@@ -1,4 +1,5 @@
-"""ComfyUI as a test host: imported from COMFYUI_PATH, CPU only, with tiny models and the pack loaded as ComfyUI loads it.
+"""ComfyUI as a test host: imported from COMFYUI_PATH, CPU only, with tiny models and the pack loaded as ComfyUI
+loads it.
 
 Tests that import this module are skipped, with the reason, when COMFYUI_PATH is unset.
 The tiny MODEL is ComfyUI's own SD1.5 UNet class, shaped and weighted like the parity
@@ -94,7 +95,8 @@ def make_model(checkpoint: Path | None = None) -> comfy.model_patcher.ModelPatch
     base = config.get_model({}, device=mm.unet_offload_device())
     weights = load_file(checkpoint / "unet" / "diffusion_pytorch_model.safetensors")
     key_map = comfy.utils.unet_to_diffusers(config.unet_config)
-    state = {comfy_key: weights[diffusers_key] for diffusers_key, comfy_key in key_map.items() if diffusers_key in weights}
+    state = {comfy_key: weights[diffusers_key] for diffusers_key, comfy_key in key_map.items()
+             if diffusers_key in weights}
     missing, unexpected = base.diffusion_model.load_state_dict(state, strict=False)
     assert not missing and not unexpected, (missing, unexpected)
     return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
@@ -174,7 +176,8 @@ TEST_PACK = textwrap.dedent('''
 
         @classmethod
         def execute(cls, base, checkpoint):
-            return io.NodeOutput(comfy_host.make_model(Path(checkpoint)), comfy_host.make_clip_from_diffusers(Path(base)),
+            return io.NodeOutput(comfy_host.make_model(Path(checkpoint)),
+                                 comfy_host.make_clip_from_diffusers(Path(base)),
                                  comfy_host.make_vae_from_diffusers(Path(base)))
 
     class XPSRTestImage(io.ComfyNode):

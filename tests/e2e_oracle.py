@@ -57,7 +57,7 @@ class E2EFixture:
     def case_names(self) -> list[str]:
         return [c["name"] for c in self.meta["cases"]]
 
-    def case(self, name: str) -> "E2ECase":
+    def case(self, name: str) -> E2ECase:
         return E2ECase(self, next(c for c in self.meta["cases"] if c["name"] == name))
 
 

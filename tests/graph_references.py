@@ -24,6 +24,7 @@ import torch
 from safetensors import safe_open
 
 import comfy_host as H
+
 from parity import assert_parity, parity_fixture
 
 REFERENCES = Path(__file__).parent / "fixtures" / "host_graph_references.safetensors"

@@ -38,7 +38,7 @@ class ParityFixture:
     def case_ids(self) -> list[int]:
         return [c["index"] for c in self.meta["cases"]]
 
-    def case(self, k: int) -> "Case":
+    def case(self, k: int) -> Case:
         return Case(self, k)
 
 

@@ -117,7 +117,7 @@ def main(paths: list[Path]) -> None:
     with tempfile.TemporaryDirectory(prefix="comfy_base_") as base, \
             browser.comfy_server(Path(base), model_files=MODEL_FILES, settings=HIDDEN) as url, \
             browser.chromium_page(url, OFFLINE_HOST) as frontend:
-        for path, workflow in zip(paths, workflows):
+        for path, workflow in zip(paths, workflows, strict=True):
             result = render(frontend, workflow, path.with_suffix(".jpg"))
             print(f"{path.with_suffix('.jpg')}: zoom {result['zoom']}, "
                   f"{result['size'][0]}x{result['size'][1]} px, {result['bytes'] / 1000:.0f} kB")

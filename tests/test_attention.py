@@ -13,8 +13,7 @@ import torch
 from torch import nn
 
 from parity import ParityFixture
-from xpsr_core import ConditionalAttention, ControlNetConfig, SFAControlNet, UNetConfig, load_checkpoint
-from xpsr_core import sd15_configs
+from xpsr_core import ConditionalAttention, ControlNetConfig, SFAControlNet, UNetConfig, load_checkpoint, sd15_configs
 from xpsr_core.attention import Transformer2D, sdpa_attention
 from xpsr_core.controlnet import semantic_fusion
 
@@ -36,7 +35,8 @@ def recording_operations() -> tuple[SimpleNamespace, list[nn.Module]]:
                 built.append(self)
         return Recorded
 
-    ops = SimpleNamespace(**{name: recorded(getattr(nn, name)) for name in ("Linear", "Conv2d", "GroupNorm", "LayerNorm")})
+    names = ("Linear", "Conv2d", "GroupNorm", "LayerNorm")
+    ops = SimpleNamespace(**{name: recorded(getattr(nn, name)) for name in names})
     return ops, built
 
 

@@ -14,8 +14,14 @@ from safetensors.torch import load_file, save_file
 
 from parity import ParityFixture
 from xpsr_core import CheckpointError, convert_official, load_checkpoint
-from xpsr_core.checkpoint import (CONDITIONAL_PREFIX, CONTROLNET_PREFIX, build_models, load_official, save_single_file,
-                                  single_file_metadata)
+from xpsr_core.checkpoint import (
+    CONDITIONAL_PREFIX,
+    CONTROLNET_PREFIX,
+    build_models,
+    load_official,
+    save_single_file,
+    single_file_metadata,
+)
 from xpsr_core.safetensors_io import read_header
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,8 +84,8 @@ def test_converter_holds_only_controlnet_and_conditional_attention(oracle: Parit
 
 def test_converter_command_line(oracle: ParityFixture, tmp_path: Path):
     out = tmp_path / "xpsr_fp16.safetensors"
-    run = subprocess.run([sys.executable, "-m", "xpsr_core.convert", str(oracle.checkpoint), str(out), "--dtype", "fp16"],
-                         capture_output=True, text=True, cwd=ROOT)
+    run = subprocess.run([sys.executable, "-m", "xpsr_core.convert", str(oracle.checkpoint), str(out),
+                          "--dtype", "fp16"], capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0, run.stderr
     assert "fp16" in run.stdout
     assert all(t.dtype == torch.float16 for t in load_checkpoint(out).controlnet.values())
@@ -138,7 +144,8 @@ def test_bin_with_pickled_code_is_refused(oracle: ParityFixture, tmp_path: Path)
     folder = copy_official(oracle, tmp_path)
     st = folder / "controlnet" / "diffusion_pytorch_model.safetensors"
     st.unlink()
-    torch.save({"weights": load_file(oracle.checkpoint / "controlnet" / st.name), "hook": print}, st.with_suffix(".bin"))
+    weights = load_file(oracle.checkpoint / "controlnet" / st.name)
+    torch.save({"weights": weights, "hook": print}, st.with_suffix(".bin"))
     with pytest.raises(CheckpointError, match=r"diffusion_pytorch_model.bin: could not be read.*weights_only=True"):
         load_checkpoint(folder)
 
@@ -205,7 +212,8 @@ def test_sdxl_config_is_refused(oracle: ParityFixture, tmp_path: Path):
     config = json.loads(config_path.read_text())
     config.update(addition_embed_type="text_time", cross_attention_dim=2048)
     config_path.write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"controlnet/config.json: this is an SDXL model .*cross_attention_dim 768"):
+    with pytest.raises(CheckpointError,
+                       match=r"controlnet/config.json: this is an SDXL model .*cross_attention_dim 768"):
         load_checkpoint(folder)
 
 
@@ -264,7 +272,8 @@ def test_single_file_missing_key_is_refused(converted: Path):
 def test_single_file_wrong_shape_is_refused(converted: Path):
     key = "conditional_attention.up_blocks.1.pixel_attentions.1.transformer_blocks.0.attn2.to_k.weight"
     _rewrite_single_file(converted, lambda t: t.update({key: torch.zeros(64, 48)}))
-    with pytest.raises(CheckpointError, match=rf"{converted.name}: key '{key}' has shape \[64, 48\], expected \[64, 64\]"):
+    expected = rf"{converted.name}: key '{key}' has shape \[64, 48\], expected \[64, 64\]"
+    with pytest.raises(CheckpointError, match=expected):
         load_checkpoint(converted)
 
 

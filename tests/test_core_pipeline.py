@@ -8,13 +8,12 @@ import torch
 from PIL import Image
 from skimage import data
 
+from e2e_oracle import assert_image_close, e2e_fixture
 from xpsr_core.color import adain_color_fix, color_fix, wavelet_color_fix
 from xpsr_core.image import processing_steps, resize, to_rgb, upscale_for_processing
 from xpsr_core.prompts import high_level_prompt
 from xpsr_core.schedule import noise_to_level, official_start, official_timesteps
 from xpsr_core.tiling import gaussian_weights, needs_tiling, tile_boxes
-
-from e2e_oracle import assert_image_close, e2e_fixture
 
 
 def test_official_timesteps_use_leading_spacing_with_offset_one():

@@ -23,9 +23,22 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from xpsr_core.degradation import (KERNEL_TYPES, DegradationConfig, KernelConfig, add_gaussian_noise,
-                                   add_poisson_noise, blur_kernel, degrade, filter2d, jpeg, make_pair, minimum_size,
-                                   random_kernel, sinc_kernel, usm_sharp)
+from xpsr_core.degradation import (
+    KERNEL_TYPES,
+    DegradationConfig,
+    KernelConfig,
+    add_gaussian_noise,
+    add_poisson_noise,
+    blur_kernel,
+    degrade,
+    filter2d,
+    jpeg,
+    make_pair,
+    minimum_size,
+    random_kernel,
+    sinc_kernel,
+    usm_sharp,
+)
 from xpsr_core.make_pairs import main
 
 ROOT = Path(__file__).resolve().parents[1]

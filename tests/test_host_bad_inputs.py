@@ -9,6 +9,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 import comfy_host as H  # skips this module without COMFYUI_PATH
+
 import graph_references as R
 from parity import assert_parity, parity_fixture
 

@@ -17,8 +17,10 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import comfy_host as H  # noqa: E402  (skips this module without COMFYUI_PATH)
+
 import comfy.model_management as mm  # noqa: E402
 import comfy.utils  # noqa: E402
+
 import tiny_vlm  # noqa: E402
 from xpsr_core import captions as caption_files  # noqa: E402
 
@@ -263,7 +265,8 @@ def test_out_of_memory_halves_the_batch_then_is_reported_with_what_to_try(monkey
     executor, _ = H.run(caption_graph(tokens=11))
     message = H.error_message(executor)
     assert batches == [4, 2]
-    assert not executor.success and "out of memory while captioning with llava-tiny, even one image at a time" in message
+    assert not executor.success
+    assert "out of memory while captioning with llava-tiny, even one image at a time" in message
     assert "dtype fp16 or bf16" in message
     assert not mllm_loaded()
 

@@ -13,6 +13,7 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 import comfy_host  # noqa: F401  (skips this module without COMFYUI_PATH)
+
 import comfy.ldm.modules.attention
 from comfy_api.torch_helpers import set_torch_compile_wrapper
 

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import comfy_host as H  # skips this module without COMFYUI_PATH
+
 import comfy.k_diffusion.sampling
 
 from e2e_oracle import E2ECase, assert_close_l2, assert_image_close, e2e_fixture
@@ -138,7 +139,7 @@ def test_e2e_prompt_embeddings_match(run):
 def test_e2e_every_step_latent_matches(run):
     case = run["case"]
     assert len(run["steps"]) == case.settings["steps"]
-    for k, (ours, official) in enumerate(zip(run["steps"], case.latents())):
+    for k, (ours, official) in enumerate(zip(run["steps"], case.latents(), strict=True)):
         assert_close_l2(ours, official, f"latent after step {k} (timestep {case.settings['timesteps'][k]})")
     latent_format = H.output(run["executor"], "1", 0).get_model_object("latent_format")
     final = latent_format.process_in(H.output(run["executor"], "5", 1)["samples"])

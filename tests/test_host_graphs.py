@@ -9,8 +9,10 @@ import pytest
 import torch
 
 import comfy_host as H  # skips this module without COMFYUI_PATH
+
 import comfy.model_management as mm
 import comfy.utils
+
 import graph_references as R
 
 

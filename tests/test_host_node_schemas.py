@@ -45,7 +45,8 @@ def test_node_interfaces_only_grow():
         new = now[node_id]
         for name, kind in old["inputs"].items():
             assert name in new["inputs"], f"{node_id}: input '{name}' disappeared"
-            assert new["inputs"][name] == kind, f"{node_id}: input '{name}' changed type {kind} -> {new['inputs'][name]}"
+            assert new["inputs"][name] == kind, \
+                f"{node_id}: input '{name}' changed type {kind} -> {new['inputs'][name]}"
         assert new["widgets"][:len(old["widgets"])] == old["widgets"], (
             f"{node_id}: widgets {new['widgets']} no longer start with {old['widgets']}; add new widgets at the end")
         assert new["outputs"][:len(old["outputs"])] == old["outputs"], f"{node_id}: outputs changed"

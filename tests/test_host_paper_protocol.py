@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import comfy_host as H  # skips this module without COMFYUI_PATH
+
 from host_upscale_worker import TINY_BASE
 from xpsr_core import evaluate, sharding
 

@@ -1,4 +1,5 @@
-"""The ComfyUI path (patched MODEL + XPSR_CONTROLNET through ComfyUI's cond batching) reproduces the official outputs."""
+"""The ComfyUI path (patched MODEL + XPSR_CONTROLNET through ComfyUI's cond batching) reproduces the official
+outputs."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 import comfy_host as H  # skips this module without COMFYUI_PATH
+
 import comfy.conds
 import comfy.sample
 import comfy.samplers
@@ -100,7 +102,7 @@ def test_comfy_path_reproduces_official_cfg_trajectory(loaded, variant: str):
     model, control = loaded
     latents, guided = trajectory(model, control, oracle, variant)
     assert len(latents) == 4
-    for i, (z, g) in enumerate(zip(latents, guided)):
+    for i, (z, g) in enumerate(zip(latents, guided, strict=True)):
         assert_parity(g, oracle.tensors[f"cfg.{variant}.eps_guided.{i}"], f"{variant} guided eps, step {i}")
         assert_parity(z, oracle.tensors[f"cfg.{variant}.latents.{i}"], f"{variant} latent after step {i}")
 
@@ -126,5 +128,5 @@ def test_cond_and_uncond_batched_together_or_apart_agree(loaded, monkeypatch):
     apart, _ = trajectory(recording, control, oracle, "official")
     monkeypatch.setattr(comfy.samplers, "can_concat_cond", original_concat)
     assert batches and all(len(b) == 1 for b in batches)
-    for i, (a, b) in enumerate(zip(together, apart)):
+    for i, (a, b) in enumerate(zip(together, apart, strict=True)):
         assert_parity(a, b, f"latent after step {i}, cond and uncond batched together vs apart", tolerance=1e-5)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import comfy_host as H  # skips this module without COMFYUI_PATH
+
 import nodes
 
 LONG_CAPTION = ("The image shows a (small) wooden cabin in a snowy forest, with tall pine trees around it, smoke "

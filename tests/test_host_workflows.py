@@ -106,5 +106,6 @@ def test_workflow_runs_with_tiny_models(path: Path, input_image: str, captioned_
     assert len(images) == 1
     from PIL import Image
 
-    with Image.open(Path(H.folder_paths.get_output_directory()) / images[0]["subfolder"] / images[0]["filename"]) as out:
+    output = Path(H.folder_paths.get_output_directory()) / images[0]["subfolder"] / images[0]["filename"]
+    with Image.open(output) as out:
         assert out.size == (LR_SIDE * 4, LR_SIDE * 4)

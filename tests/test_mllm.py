@@ -513,8 +513,8 @@ INSTRUCTIONS = [captions.HIGH_LEVEL_INSTRUCTION, captions.LOW_LEVEL_INSTRUCTION]
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_padded_batch_gives_each_image_the_captions_it_gets_alone(loaded: dict, spy_generate, kind: str) -> None:
     """Three images of different sizes, both instructions (prompts of different lengths) in one generate call."""
-    alone = [[caption_image(loaded[kind], image, instruction, max_new_tokens=FEW_TOKENS) for instruction in INSTRUCTIONS]
-             for image in images()]
+    alone = [[caption_image(loaded[kind], image, instruction, max_new_tokens=FEW_TOKENS)
+              for instruction in INSTRUCTIONS] for image in images()]
     spy = spy_generate(loaded[kind])
     greedy = mllm.Decoding(max_new_tokens=FEW_TOKENS)
     batched = list(mllm.caption_rows(loaded[kind], images(), [(i, greedy) for i in INSTRUCTIONS], batch_size=3))

@@ -95,7 +95,8 @@ def test_registry_package_holds_everything_the_pack_runs_with():
 
 def test_packing_rules_are_comfy_clis(tmp_path: Path, monkeypatch):
     """Where comfy-cli is installed, its own zip_files packs exactly what packed_files() says."""
-    file_utils = pytest.importorskip("comfy_cli.file_utils", reason="comfy-cli is not installed (pip install comfy-cli)")
+    file_utils = pytest.importorskip("comfy_cli.file_utils",
+                                     reason="comfy-cli is not installed (pip install comfy-cli)")
     monkeypatch.chdir(ROOT)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)

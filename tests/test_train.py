@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 
 from tiny_sd15 import build_dataset, build_tiny_base, image_tensor
 from xpsr_core import build_models, load_checkpoint
-from xpsr_core.errors import CheckpointError
 from xpsr_core.conditional_attention import ConditionalAttention
+from xpsr_core.errors import CheckpointError
 from xpsr_core.from_unet import controlnet_from_unet
 from xpsr_core.sd15 import load_sd15
 from xpsr_core.train import ConfigError, Trainer, load_train_config, train_config_from_dict
@@ -68,7 +68,8 @@ def test_initialisation_follows_the_official_from_unet_rules(base):
     copied = {k for k in controlnet if official_source(k) is not None}
     for key in copied:
         assert torch.equal(controlnet[key], unet[official_source(key)]), key
-    assert {k for k in copied if ".attentions_lowlevel." in k} == {k for k in controlnet if ".attentions_lowlevel." in k}
+    lowlevel = ".attentions_lowlevel."
+    assert {k for k in copied if lowlevel in k} == {k for k in controlnet if lowlevel in k}
     zero = {k for k in controlnet if k.startswith(("controlnet_down_blocks.", "controlnet_mid_block.",
                                                    "controlnet_cond_embedding.conv_out."))}
     assert len(zero) == 2 * (8 + 1) + 2 and all(not controlnet[k].any() for k in zero)
@@ -167,7 +168,7 @@ def test_checkpoint_folder_and_single_file_reproduce_the_trained_modules(tiny, b
     for ckpt in (unet_weights, load_checkpoint(folder / "xpsr.safetensors")):
         out, e = eps(*build_models(ckpt))
         torch.testing.assert_close(e, ref_eps, rtol=0, atol=0)
-        for a, b in zip(out.down_residuals, ref_out.down_residuals):
+        for a, b in zip(out.down_residuals, ref_out.down_residuals, strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -185,7 +186,7 @@ def test_gradient_checkpointing_and_bf16_autocast_train(tiny, base, tmp_path):
     plain = Trainer(config(tiny, tmp_path / "plain", max_train_steps=2, checkpointing_steps=10), base).run()
     recomputed = Trainer(config(tiny, tmp_path / "ckpt", max_train_steps=2, checkpointing_steps=10,
                                 gradient_checkpointing=True), base).run()
-    for a, b in zip(plain, recomputed):
+    for a, b in zip(plain, recomputed, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
     bf16 = Trainer(config(tiny, tmp_path / "bf16", max_train_steps=1, mixed_precision="bf16",
                           dfc_form="paper"), base).run()

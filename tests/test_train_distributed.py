@@ -135,7 +135,7 @@ def test_two_processes_train_as_one_process_with_their_global_batch(two_processe
     reference, trainer = one_process(accumulation)
     records = loss_log(output)
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
-    for got, expected in zip(records, reference):
+    for got, expected in zip(records, reference, strict=True):
         assert got["lr"] == expected["lr"]
         for key in ("loss", "mse", "dfc"):
             assert got[key] == pytest.approx(expected[key], rel=1e-5), (got["step"], key)

@@ -20,8 +20,16 @@ from PIL import Image
 
 from . import sharding
 from .captions import HIGH_LEVEL_INSTRUCTION, LOW_LEVEL_INSTRUCTION, caption_paths, list_lr_images, write_caption
-from .mllm import (DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, OFFICIAL_LOW_LEVEL, CaptionModelError, Decoding,
-                   caption_rows, load_caption_model, out_of_memory_advice)
+from .mllm import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_NEW_TOKENS,
+    OFFICIAL_LOW_LEVEL,
+    CaptionModelError,
+    Decoding,
+    caption_rows,
+    load_caption_model,
+    out_of_memory_advice,
+)
 
 Job = tuple[Path, list[Path | None]]
 """An LR image and its caption files to write (high level, low level), None for one that stays."""

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import json
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -287,7 +288,8 @@ def convert_official(folder: str | Path, out: str | Path, dtype: torch.dtype = t
     ckpt = open_official(folder)
     sources = {CONTROLNET_PREFIX: (ckpt.controlnet_file, ckpt.controlnet_shapes),
                CONDITIONAL_PREFIX: (ckpt.unet_file, ckpt.conditional_shapes)}
-    entries = sorted((prefix + k, shape, dtype) for prefix, (_, shapes) in sources.items() for k, shape in shapes.items())
+    entries = sorted((prefix + k, shape, dtype) for prefix, (_, shapes) in sources.items()
+                     for k, shape in shapes.items())
 
     def fetch(name: str) -> torch.Tensor:
         prefix = CONTROLNET_PREFIX if name.startswith(CONTROLNET_PREFIX) else CONDITIONAL_PREFIX

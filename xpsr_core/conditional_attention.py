@@ -10,7 +10,8 @@ per decoder layer; its parameter names are those of the official UNet
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,7 +57,8 @@ class ConditionalAttention(nn.Module):
         the attention calls (see ``AttentionFunction``).
         """
         if len(residuals) != len(self.layers):
-            raise ValueError(f"conditional attention needs {len(self.layers)} ControlNet residuals, got {len(residuals)}")
+            raise ValueError(f"conditional attention needs {len(self.layers)} ControlNet residuals, "
+                             f"got {len(residuals)}")
         d = self.layers[layer]
         context = feature_map_to_tokens(residuals[-1 - layer]).to(hidden.dtype)
         return self.up_blocks[d.block].pixel_attentions[d.layer](hidden, context, transformer_options)

@@ -10,9 +10,10 @@ silently ignored, so a config we cannot reproduce exactly never loads.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import CheckpointError
 
@@ -126,7 +127,8 @@ def _unet_shape(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
             raise CheckpointError(f"{source}: down block type '{t}' is not supported; expected one of {_DOWN_TYPES}")
     if len(down_types) != len(block_out):
         raise CheckpointError(
-            f"{source}: {len(down_types)} down_block_types but {len(block_out)} block_out_channels; expected equal counts"
+            f"{source}: {len(down_types)} down_block_types but {len(block_out)} block_out_channels; expected equal "
+            "counts"
         )
     heads = raw.get("num_attention_heads") or _require(raw, "attention_head_dim", source)
     n = len(block_out)
@@ -168,7 +170,7 @@ class ControlNetConfig(UNetShape):
     fusion: str = "parallel"
 
     @classmethod
-    def from_dict(cls, raw: Mapping[str, Any], source: str = "controlnet config") -> "ControlNetConfig":
+    def from_dict(cls, raw: Mapping[str, Any], source: str = "controlnet config") -> ControlNetConfig:
         """Read the official ``controlnet/config.json`` (or the pack's normalised copy of it)."""
         if not raw.get("use_lowlevel_prompt", False):
             raise CheckpointError(
@@ -205,7 +207,7 @@ class UNetConfig(UNetShape):
     out_channels: int = 4
 
     @classmethod
-    def from_dict(cls, raw: Mapping[str, Any], source: str = "unet config") -> "UNetConfig":
+    def from_dict(cls, raw: Mapping[str, Any], source: str = "unet config") -> UNetConfig:
         """Read the official ``unet/config.json`` (or the pack's normalised copy of it)."""
         shape = _unet_shape(raw, source)
         up_types = tuple(_require(raw, "up_block_types", source))
@@ -227,9 +229,9 @@ class UNetConfig(UNetShape):
         for d in config.decoder_layers():
             if d.context_channels != d.skip_channels:
                 raise CheckpointError(
-                    f"{source}: decoder layer up_blocks.{d.block}.{d.layer} would attend to a {d.skip_channels}-channel "
-                    f"ControlNet residual with a {d.context_channels}-channel context; the official model cannot run "
-                    "this config either"
+                    f"{source}: decoder layer up_blocks.{d.block}.{d.layer} would attend to a "
+                    f"{d.skip_channels}-channel ControlNet residual with a {d.context_channels}-channel context; the "
+                    "official model cannot run this config either"
                 )
         return config
 
@@ -239,7 +241,7 @@ class UNetConfig(UNetShape):
         d["attention_head_dim"] = list(d.pop("num_heads"))
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
-    def decoder_layers(self) -> list["DecoderLayer"]:
+    def decoder_layers(self) -> list[DecoderLayer]:
         """Every decoder layer in execution order (ComfyUI's output-block order)."""
         rev_out = list(reversed(self.block_out_channels))
         rev_heads = list(reversed(self.num_heads))

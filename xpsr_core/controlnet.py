@@ -47,7 +47,7 @@ class LRConditioningEmbedding(nn.Module):
         self.conv_in = operations.Conv2d(in_channels, channels[0], 3, padding=1, **kw)
         self.blocks = nn.ModuleList()
         self.to_rgbs = nn.ModuleList()
-        for c_in, c_out in zip(channels[:-1], channels[1:]):
+        for c_in, c_out in zip(channels[:-1], channels[1:], strict=True):
             self.blocks.append(operations.Conv2d(c_in, c_in, 3, padding=1, **kw))
             self.blocks.append(operations.Conv2d(c_in, c_out, 3, padding=1, stride=2, **kw))
             if return_rgbs:
@@ -188,7 +188,8 @@ class SFAControlNet(nn.Module):
             self.conv_degradation = nn.ModuleList([
                 nn.Sequential(operations.Conv2d(c, config.in_channels, 3, padding=1, **conv)) for c in residual_channels
             ])
-            self.conv_degradation_mid = nn.Sequential(operations.Conv2d(ch[-1], config.in_channels, 3, padding=1, **conv))
+            self.conv_degradation_mid = nn.Sequential(
+                operations.Conv2d(ch[-1], config.in_channels, 3, padding=1, **conv))
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int, encoder_hidden_states: torch.Tensor,
                 controlnet_cond: torch.Tensor, lowlevel_encoder_hidden_states: torch.Tensor | None = None,
@@ -210,12 +211,12 @@ class SFAControlNet(nn.Module):
             skips += block_skips
         x = self.mid_block(x, temb, encoder_hidden_states, lowlevel_encoder_hidden_states, transformer_options)
 
-        residuals = [zero_conv(s) for zero_conv, s in zip(self.controlnet_down_blocks, skips)]
+        residuals = [zero_conv(s) for zero_conv, s in zip(self.controlnet_down_blocks, skips, strict=True)]
         mid = self.controlnet_mid_block(x)
         out = ControlNetOutput([r * conditioning_scale for r in residuals], mid * conditioning_scale)
         if return_dfc:
             out.dfc_rgb = rgbs if cfg.return_rgbs else None
             if cfg.use_latent_pred:
-                out.dfc_latent = [head(r) for head, r in zip(self.conv_degradation, residuals)]
+                out.dfc_latent = [head(r) for head, r in zip(self.conv_degradation, residuals, strict=True)]
                 out.dfc_latent_mid = self.conv_degradation_mid(mid)
         return out

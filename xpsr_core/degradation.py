@@ -297,7 +297,7 @@ def jpeg(image: torch.Tensor, qualities: Sequence[int]) -> torch.Tensor:
         raise ValueError(f"{len(qualities)} qualities for a batch of {image.shape[0]}; expected one per image")
     pixels = (image.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     out = []
-    for array, quality in zip(pixels, qualities):
+    for array, quality in zip(pixels, qualities, strict=True):
         buffer = io.BytesIO()
         Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="JPEG", quality=int(quality),
                                                           subsampling="4:2:0")

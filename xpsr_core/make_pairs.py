@@ -25,7 +25,6 @@ from .degradation import DegradationConfig, make_pair, minimum_size
 from .image import IMAGE_SUFFIXES
 
 
-
 class PairsError(ValueError):
     """Input that cannot make pairs; the message names the folder or file and what was expected."""
 

@@ -8,8 +8,8 @@ nothing is ever downloaded, and a metric that cannot run is reported with the re
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

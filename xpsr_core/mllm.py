@@ -13,11 +13,11 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import transformers
@@ -307,7 +307,8 @@ def caption_batch(
         stopping_criteria=StoppingCriteriaList([_TokenCallback(on_token)] if on_token else []),
     )
     new_tokens = output if model.model.config.is_encoder_decoder else output[:, inputs["input_ids"].shape[1]:]
-    return [clean_caption(text) for text in model.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    texts = model.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    return [clean_caption(text) for text in texts]
 
 
 def caption_rows(

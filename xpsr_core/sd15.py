@@ -17,10 +17,11 @@ checkpoint's ``unet/`` can be written from it; the VAE and the text encoder are 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -50,17 +51,17 @@ class SD15Base:
     tokenizer: Any
     source: Path
 
-    def requires_grad_(self, enabled: bool) -> "SD15Base":
+    def requires_grad_(self, enabled: bool) -> SD15Base:
         for module in (self.unet, self.vae, self.text_encoder):
             module.requires_grad_(enabled)
         return self
 
-    def to(self, device: torch.device | str) -> "SD15Base":
+    def to(self, device: torch.device | str) -> SD15Base:
         for module in (self.unet, self.vae, self.text_encoder):
             module.to(device)
         return self
 
-    def eval(self) -> "SD15Base":
+    def eval(self) -> SD15Base:
         for module in (self.unet, self.vae, self.text_encoder):
             module.eval()
         return self

@@ -24,7 +24,7 @@ class Box:
     x0: int
     x1: int
 
-    def scaled(self, factor: int) -> "Box":
+    def scaled(self, factor: int) -> Box:
         return Box(self.y0 * factor, self.y1 * factor, self.x0 * factor, self.x1 * factor)
 
 
@@ -46,7 +46,8 @@ def tile_boxes(height: int, width: int, tile: int, overlap: int) -> list[Box]:
         raise ValueError(f"tile overlap is {overlap}; expected at least 0 and less than the tile size {tile}")
     tile = min(tile, height, width)
     overlap = min(overlap, tile - 1)
-    return [Box(y, y + tile, x, x + tile) for x in _offsets(width, tile, overlap) for y in _offsets(height, tile, overlap)]
+    return [Box(y, y + tile, x, x + tile)
+            for x in _offsets(width, tile, overlap) for y in _offsets(height, tile, overlap)]
 
 
 def gaussian_weights(size: int) -> torch.Tensor:

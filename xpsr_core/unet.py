@@ -38,7 +38,8 @@ class DownBlock(nn.Module):
         ]) if config.has_attention(block) else None
         self.downsamplers = nn.ModuleList([Downsample2D(out_channels, **kw)]) if add_downsample else None
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(self, x: torch.Tensor, temb: torch.Tensor,
+                context: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         skips = []
         for i, resnet in enumerate(self.resnets):
             x = resnet(x, temb)

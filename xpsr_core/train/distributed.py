@@ -10,9 +10,9 @@ single process it always was; it never touches torch.distributed.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Mapping
 
 import torch
 import torch.distributed as dist
