@@ -11,8 +11,10 @@ of a whole step per output pixel; the time of a tiled step per megapixel from 51
 the first (compiling) and the steady step of XPSR over the stock model, with Dynamo's graph,
 graph-break and recompile counts; a tiled step with one tile per model call over as many as
 memory allows; the XPSR weights' bytes in fp8 over fp16; and the captioning time per image
-with the MLLM's load/unload overhead. SD1.5 sizes, random weights. Results go
-to results.json and results.md.
+with the MLLM's load/unload overhead; and whole graphs through ComfyUI's executor, the XPSR
+Sampler graph beside a stock SD1.5 + ControlNet KSampler graph, with their peak memory and
+time per step (per VRAM launch flag, one process each). SD1.5 sizes, random weights built
+in memory. Results go to results.json and results.md.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -82,9 +85,17 @@ def passthrough_override(attention, *args, **kwargs):
     return attention(*args, **kwargs)
 
 
-def build(pack, dtype: torch.dtype = torch.float32, override: bool = False):
-    """SD1.5 with a stock ControlNet, and with XPSR, all in ``dtype``; ``override`` installs a passthrough
-    attention override on both MODELs."""
+def unet_configs(pack, channels: int = 320) -> tuple[dict, dict]:
+    """ComfyUI's SD1.5 UNet config and the pack's diffusers-layout one, with ``channels`` in the first level (320 is
+    SD1.5; fewer make the same architecture small enough for a smoke run on a CPU)."""
+    sd15 = importlib.import_module(f"{pack.__name__}.xpsr_core.sd15_configs").UNET
+    levels = [channels * m for m in SD15_UNET["channel_mult"]]
+    return SD15_UNET | {"model_channels": channels}, sd15 | {"block_out_channels": levels}
+
+
+def build(pack, dtype: torch.dtype = torch.float32, override: bool = False, channels: int = 320):
+    """SD1.5 with a stock ControlNet, and with XPSR, all in ``dtype`` (``channels``: see unet_configs);
+    ``override`` installs a passthrough attention override on both MODELs."""
     import comfy.cldm.cldm
     import comfy.controlnet
     import comfy.model_management as mm
@@ -94,10 +105,10 @@ def build(pack, dtype: torch.dtype = torch.float32, override: bool = False):
     core = importlib.import_module(f"{pack.__name__}.xpsr_core")
     ConditionalAttention, ControlNetConfig = core.ConditionalAttention, core.ControlNetConfig
     SFAControlNet, UNetConfig = core.SFAControlNet, core.UNetConfig
-    sd15 = importlib.import_module(f"{pack.__name__}.xpsr_core.sd15_configs").UNET
+    unet, sd15 = unet_configs(pack, channels)
 
     device, offload = mm.get_torch_device(), mm.unet_offload_device()
-    config = comfy.supported_models.SD15(dict(SD15_UNET))
+    config = comfy.supported_models.SD15(dict(unet))
     config.set_inference_dtype(dtype, None)
     base = config.get_model({}, device=offload)
     randomize(base.diffusion_model)
@@ -106,7 +117,7 @@ def build(pack, dtype: torch.dtype = torch.float32, override: bool = False):
         model.model_options["transformer_options"]["optimized_attention_override"] = passthrough_override
 
     stock_cn = randomize(comfy.cldm.cldm.ControlNet(hint_channels=3, dtype=dtype, **{
-        k: v for k, v in SD15_UNET.items() if k != "transformer_depth_output"}), 1)
+        k: v for k, v in unet.items() if k != "transformer_depth_output"}), 1)
     stock = comfy.controlnet.ControlNet(stock_cn, load_device=device)
 
     nodes_control = pack.nodes.control
@@ -165,23 +176,29 @@ def step_ratio(models: tuple, sizes: list[int], repeats: int) -> list[dict]:
     return rows
 
 
-def peak_memory(run) -> int:
-    """Peak memory growth during ``run()``: CUDA's allocator peak, or Linux's peak RSS reset just before."""
+def reset_peak() -> int:
+    """Start a new peak-memory window (CUDA's allocator peak, or Linux's peak RSS); returns the memory in use."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        run()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
+        return torch.cuda.memory_allocated()
     open("/proc/self/clear_refs", "w").write("5")
-    before = _vm_hwm()
-    run()
-    return _vm_hwm() - before
+    return read_peak()
 
 
-def _vm_hwm() -> int:
+def read_peak() -> int:
+    """The peak since the last reset_peak: torch.cuda.max_memory_allocated, or Linux's VmHWM."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
     return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
+
+
+def peak_memory(run) -> int:
+    """Peak memory growth during ``run()``."""
+    before = reset_peak()
+    run()
+    return read_peak() - before
 
 
 def step_memory(models: tuple, outputs: list[int]) -> list[dict]:
@@ -247,21 +264,238 @@ def compile_cost(models: tuple, latent: int, repeats: int, backend: str) -> dict
 
 def tile_batching(pack, models: tuple, outputs: list[int], tile: int, overlap: int, repeats: int) -> list[dict]:
     """Time of one tiled XPSR step with every tile evaluated in its own model call (serial) and with as many tiles
-    per call as ComfyUI's memory estimate allows (batched), per output size."""
+    per call as ComfyUI's memory estimate allows (batched), per output size. The two alternate within each repeat
+    (this machine's load drifts), each repeat giving its own ratio; the median ratio is the figure."""
     import comfy.patcher_extension
 
     _, _, patched, xpsr = models
     rows = []
     for px in outputs:
-        times = {}
+        variants = {}
         for name, max_tiles in (("serial", 1), ("batched", None)):
             tiler = pack.nodes.tiled_sampling.TiledCondBatch(tile, overlap, max_tiles=max_tiles)
             model = patched.clone()
             model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, "bench_tiles", tiler)
+            batches: list[int] = []
+
+            def count(apply_model, args, batches=batches):
+                batches.append(args["input"].shape[0])
+                return apply_model(args["input"], args["timestep"], **args["c"])
+
+            model.set_model_unet_function_wrapper(count)
             one_step(model, xpsr, px // 8, True)
-            times[name] = statistics.median(one_step(model, xpsr, px // 8, True) for _ in range(repeats))
-        rows.append({"output_px": px, "tiles": tiler.tile_count(px // 8, px // 8), "serial_s": times["serial"],
-                     "batched_s": times["batched"], "batched_over_serial": times["batched"] / times["serial"]})
+            variants[name] = (model, list(batches))
+        times: dict[str, list[float]] = {"serial": [], "batched": []}
+        for _ in range(repeats):
+            for name, (model, _) in variants.items():
+                times[name].append(one_step(model, xpsr, px // 8, True))
+        ratios = [b / s for b, s in zip(times["batched"], times["serial"])]
+        rows.append({"output_px": px, "tiles": tiler.tile_count(px // 8, px // 8),
+                     "rows_per_call": {name: calls for name, (_, calls) in variants.items()},
+                     "serial_s": statistics.median(times["serial"]), "batched_s": statistics.median(times["batched"]),
+                     "ratios": ratios, "batched_over_serial": statistics.median(ratios)})
+    return rows
+
+
+class StepTimer:
+    """PREDICT_NOISE wrapper on a MODEL: the time of every sampler step (one CFG model evaluation, synchronised on
+    CUDA, so weights streamed under --lowvram/--novram count) and the peak memory from the first step's start to
+    the last step's end (the window starts at the first step; the peak before it is kept in ``before_sampling``)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.seconds: list[float] = []
+        self.started = False
+        self.before_sampling = 0
+        self.sampling_peak = 0
+
+    def __call__(self, executor, *args, **kwargs):
+        if not self.started:
+            self.started = True
+            self.before_sampling = read_peak()
+            reset_peak()
+        start = time.perf_counter()
+        out = executor(*args, **kwargs)
+        self.sampling_peak = read_peak()
+        self.seconds.append(time.perf_counter() - start)
+        return out
+
+
+class _Server:
+    """What PromptExecutor needs of ComfyUI's server when there is none."""
+
+    client_id = None
+    last_node_id = None
+    last_prompt_id = None
+    sockets_metadata: dict = {}
+
+    def send_sync(self, event, data, sid=None):
+        pass
+
+    def queue_updated(self):
+        pass
+
+
+def register_graph_nodes(outputs: tuple) -> None:
+    """Nodes that hand the in-memory models to a graph (nothing is read from disk), make a smooth random image, and
+    take an IMAGE as the graph's output without saving it."""
+    import nodes
+
+    class BenchModels:
+        RETURN_TYPES = ("MODEL", "CONTROL_NET", "MODEL", "XPSR_CONTROLNET", "CLIP", "VAE")
+        FUNCTION = "get"
+        CATEGORY = "benchmark"
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {}}
+
+        def get(self):
+            return outputs
+
+    class BenchImage:
+        RETURN_TYPES = ("IMAGE",)
+        FUNCTION = "make"
+        CATEGORY = "benchmark"
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"size": ("INT", {"default": 64, "min": 8, "max": 8192})}}
+
+        def make(self, size: int):
+            small = torch.rand(1, 3, max(2, size // 8), max(2, size // 8), generator=torch.Generator().manual_seed(0))
+            return (torch.nn.functional.interpolate(small, size=(size, size), mode="bilinear").movedim(1, -1),)
+
+    class BenchSink:
+        RETURN_TYPES = ()
+        FUNCTION = "take"
+        OUTPUT_NODE = True
+        CATEGORY = "benchmark"
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"images": ("IMAGE",)}}
+
+        def take(self, images):
+            return {}
+
+    for node in (BenchModels, BenchImage, BenchSink):
+        nodes.NODE_CLASS_MAPPINGS[f"XPSR{node.__name__}"] = node
+
+
+def xpsr_graph(prompts, px: int, steps: int) -> dict:
+    """LR image (px / 4) -> XPSR Dual Prompt Encode -> XPSR Sampler (official settings, x4, whole latent) -> sink."""
+    return {
+        "1": {"class_type": "XPSRBenchModels", "inputs": {}},
+        "2": {"class_type": "XPSRBenchImage", "inputs": {"size": px // 4}},
+        "3": {"class_type": "XPSRDualPromptEncode", "inputs": {
+            "clip": ["1", 4], "high_level": "a photo of a brick house by a lake", "low_level": "blurry, noisy",
+            "added_prompt": prompts.ADDED_PROMPT, "negative_high": prompts.NEGATIVE_HIGH,
+            "negative_low": prompts.NEGATIVE_LOW, "token_mode": "official", "lowlevel_cfg": "official"}},
+        "4": {"class_type": "XPSRSampler", "inputs": {
+            "model": ["1", 2], "xpsr_controlnet": ["1", 3], "positive": ["3", 0], "negative": ["3", 1],
+            "image": ["2", 0], "vae": ["1", 5], "scale": 4.0, "process_size": px, "seed": 0, "steps": steps,
+            "cfg": 4.5, "sampler_name": "ddpm", "scheduler": "xpsr_official", "start": "official", "denoise": 1.0,
+            "control_strength": 1.0, "tile_size": 320, "tile_overlap": 8, "vae_tiling": "auto", "color_fix": "adain"}},
+        "5": {"class_type": "XPSRBenchSink", "inputs": {"images": ["4", 0]}},
+    }
+
+
+def stock_graph(px: int, steps: int) -> dict:
+    """CLIP Text Encode x2 -> Apply ControlNet (hint at px) -> KSampler (empty latent, ddpm) -> VAE Decode -> sink."""
+    return {
+        "1": {"class_type": "XPSRBenchModels", "inputs": {}},
+        "2": {"class_type": "XPSRBenchImage", "inputs": {"size": px}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 4],
+                                                          "text": "a photo of a brick house by a lake"}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 4], "text": "blurry, noisy"}},
+        "5": {"class_type": "ControlNetApplyAdvanced", "inputs": {
+            "positive": ["3", 0], "negative": ["4", 0], "control_net": ["1", 1], "image": ["2", 0], "strength": 1.0,
+            "start_percent": 0.0, "end_percent": 1.0}},
+        "6": {"class_type": "EmptyLatentImage", "inputs": {"width": px, "height": px, "batch_size": 1}},
+        "7": {"class_type": "KSampler", "inputs": {
+            "model": ["1", 0], "seed": 0, "steps": steps, "cfg": 4.5, "sampler_name": "ddpm", "scheduler": "normal",
+            "positive": ["5", 0], "negative": ["5", 1], "latent_image": ["6", 0], "denoise": 1.0}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 5]}},
+        "9": {"class_type": "XPSRBenchSink", "inputs": {"images": ["8", 0]}},
+    }
+
+
+def execute_graph(prompt: dict) -> None:
+    """Validate and run an API prompt in a fresh PromptExecutor (nothing cached from the previous run)."""
+    import execution
+
+    prompt_id = str(uuid.uuid4())
+    valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
+    if not valid[0]:
+        raise RuntimeError(f"the benchmark graph does not validate: {valid[1]} {valid[3]}")
+    executor = execution.PromptExecutor(_Server(), cache_type=execution.CacheType.CLASSIC)
+    asyncio.run(executor.execute_async(prompt, prompt_id, extra_data={}, execute_outputs=valid[2]))
+    if not executor.success:
+        errors = [data for event, data in executor.status_messages if event == "execution_error"]
+        raise RuntimeError(f"the benchmark graph failed: {errors}")
+
+
+def clip_and_vae(dtype: torch.dtype):
+    """SD1.5's CLIP-L text encoder and VAE, ComfyUI's classes with random weights (built in memory)."""
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models_base
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
+    clip = comfy.sd.CLIP(target, model_options={"dtype": dtype})
+    randomize(clip.cond_stage_model, 4)
+    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+    state = randomize(AutoencoderKL(ddconfig=ddconfig, embed_dim=4), 5).state_dict()
+    vae = comfy.sd.VAE(sd=state, config={"params": {"ddconfig": ddconfig, "embed_dim": 4}}, dtype=dtype)
+    return clip, vae
+
+
+def graph_run(prompt: dict, timer: StepTimer) -> dict:
+    """One graph from nothing loaded: its peak memory (whole graph, and sampling alone), time per step, wall time."""
+    import comfy.model_management as mm
+
+    mm.unload_all_models()
+    mm.soft_empty_cache()
+    timer.reset()
+    start_bytes = reset_peak()
+    start = time.perf_counter()
+    execute_graph(prompt)
+    wall = time.perf_counter() - start
+    return {"peak_bytes": max(timer.before_sampling, read_peak()), "sampling_peak_bytes": timer.sampling_peak,
+            "start_bytes": start_bytes, "steps": len(timer.seconds), "first_step_s": timer.seconds[0],
+            "step_s": statistics.median(timer.seconds[1:] or timer.seconds), "wall_s": wall}
+
+
+def graph_cost(pack, models: tuple, dtype: torch.dtype, outputs: list[int], steps: int) -> list[dict]:
+    """Whole graphs as a user runs them, through ComfyUI's executor with everything unloaded before each: the XPSR
+    Sampler graph and a stock SD1.5 + ControlNet KSampler graph at each output size; peak memory and the median
+    time of a step after the first, XPSR over stock. Run once per VRAM launch flag (--vram), each in its own process:
+    the flags are read when ComfyUI is imported."""
+    import comfy.patcher_extension
+
+    model, stock, patched, xpsr = models
+    timer = StepTimer()
+    timed = []
+    for m in (model, patched):
+        clone = m.clone()
+        clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, "bench_steps", timer)
+        timed.append(clone)
+    clip, vae = clip_and_vae(dtype)
+    register_graph_nodes((timed[0], stock, timed[1], xpsr, clip, vae))
+    prompts = importlib.import_module(f"{pack.__name__}.xpsr_core.prompts")
+    rows = []
+    for px in outputs:
+        runs = {"stock": graph_run(stock_graph(px, steps), timer),
+                "xpsr": graph_run(xpsr_graph(prompts, px, steps), timer)}
+        rows.append({"output_px": px, **runs,
+                     "step_ratio": runs["xpsr"]["step_s"] / runs["stock"]["step_s"],
+                     "peak_ratio": runs["xpsr"]["peak_bytes"] / runs["stock"]["peak_bytes"],
+                     "sampling_peak_ratio": runs["xpsr"]["sampling_peak_bytes"] / runs["stock"]["sampling_peak_bytes"]})
     return rows
 
 
@@ -382,8 +616,8 @@ def attention_memory(sides: list[int]) -> list[dict]:
     return rows
 
 
-SECTIONS = ("attention_memory", "step", "step_memory", "tiled", "compile", "tile_batching", "weight_memory", "caption",
-            "caption_batching")
+SECTIONS = ("attention_memory", "step", "step_memory", "tiled", "compile", "tile_batching", "graph", "weight_memory",
+            "caption", "caption_batching")
 
 
 def markdown(results: dict) -> str:
@@ -420,9 +654,22 @@ def markdown(results: dict) -> str:
         lines += ["", f"First-compile ratio {c['first_ratio']:.2f}, steady-step ratio {c['steady_ratio']:.2f}."]
     if "tile_batching" in results:
         lines += ["", "## Latent tiles: one model call per tile vs batched (one XPSR step)", "",
-                  "| output | tiles | serial s | batched s | batched / serial |", "|---|---|---|---|---|"]
-        lines += [f"| {r['output_px']} px | {r['tiles']} | {r['serial_s']:.2f} | {r['batched_s']:.2f} | "
-                  f"{r['batched_over_serial']:.2f} |" for r in results["tile_batching"]]
+                  "| output | tiles | rows per call (batched) | serial s | batched s | batched / serial (median) | "
+                  "per repeat |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['output_px']} px | {r['tiles']} | {r['rows_per_call']['batched']} | {r['serial_s']:.2f} | "
+                  f"{r['batched_s']:.2f} | {r['batched_over_serial']:.2f} | "
+                  f"{', '.join(f'{x:.2f}' for x in r['ratios'])} |" for r in results["tile_batching"]]
+    if "graph" in results:
+        lines += ["", "## Whole graphs: XPSR Sampler vs stock SD1.5 + ControlNet KSampler (from nothing loaded)", "",
+                  "| output | graph | peak MiB | sampling peak MiB | s per step | first step s | graph s |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in results["graph"]:
+            lines += [f"| {r['output_px']} px | {name} | {g['peak_bytes'] / 2**20:.0f} | "
+                      f"{g['sampling_peak_bytes'] / 2**20:.0f} | {g['step_s']:.3f} | {g['first_step_s']:.3f} | "
+                      f"{g['wall_s']:.1f} |" for name, g in ((n, r[n]) for n in ("stock", "xpsr"))]
+        lines += [""] + [f"{r['output_px']} px, XPSR over stock: step time {r['step_ratio']:.2f}, peak "
+                         f"{r['peak_ratio']:.2f}, sampling peak {r['sampling_peak_ratio']:.2f}."
+                         for r in results["graph"]]
     if "weight_memory" in results:
         w = results["weight_memory"]
         lines += ["", "## XPSR weights (SFA-ControlNet + conditional attention)", "",
@@ -455,6 +702,11 @@ def main() -> int:
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (TorchCompileModel's: "
                                                                       "inductor)")
     parser.add_argument("--batching-outputs", default="1024,2048", help="output sizes of the tile-batching benchmark")
+    parser.add_argument("--graph-outputs", default="512,2048", help="output sizes of the whole-graph benchmark")
+    parser.add_argument("--graph-steps", type=int, default=4, help="sampling steps of each whole graph (at least 2: "
+                                                                   "the first step is timed apart)")
+    parser.add_argument("--channels", type=int, default=320,
+                        help="the UNet's first-level channels (SD1.5: 320; e.g. 32 for a quick smoke run on a CPU)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--attention", choices=("pytorch", "comfy-default"), default="pytorch",
                         help="ComfyUI's attention backend: pytorch (SDPA, ComfyUI's choice on NVIDIA GPUs) or what "
@@ -473,7 +725,8 @@ def main() -> int:
         parser.error(f"unknown section {sorted(unknown)[0]!r}; expected some of {','.join(SECTIONS)}")
     pack = import_comfy(args.attention == "pytorch", args.vram)
     dtype = {"fp32": torch.float32, "fp16": torch.float16}[args.dtype]
-    models = build(pack, dtype, args.override) if {"step", "step_memory", "tiled", "compile", "tile_batching"} & set(sections) else None
+    models = build(pack, dtype, args.override, args.channels) if {
+        "step", "step_memory", "tiled", "compile", "tile_batching", "graph"} & set(sections) else None
 
     def ints(text: str) -> list[int]:
         return [int(v) for v in text.split(",")]
@@ -486,16 +739,20 @@ def main() -> int:
         "compile": lambda: compile_cost(models, args.compile_latent, args.repeats, args.compile_backend),
         "tile_batching": lambda: tile_batching(pack, models, ints(args.batching_outputs), args.tile, args.overlap,
                                                args.repeats),
+        "graph": lambda: graph_cost(pack, models, dtype, ints(args.graph_outputs), args.graph_steps),
         "weight_memory": lambda: weight_memory(pack),
         "caption": lambda: caption_cost(pack),
         "caption_batching": lambda: caption_batching(pack),
     }
     results = {"device": str(sys.modules["comfy.model_management"].get_torch_device()), "torch": torch.__version__,
-               "attention_backend": args.attention, "dtype": args.dtype, "override": args.override,
-               "vram": args.vram or "normal"} | {name: runs[name]() for name in SECTIONS if name in sections}
+               "attention_backend": args.attention, "dtype": args.dtype, "channels": args.channels,
+               "override": args.override, "vram": args.vram or "normal"}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    (args.out / "results.md").write_text(markdown(results))
+    for name in (name for name in SECTIONS if name in sections):
+        results[name] = runs[name]()
+        # written after every section, so a run cut short by a time limit (benchmarks/gpu.sh) keeps what it measured
+        (args.out / "results.json").write_text(json.dumps(results, indent=1))
+        (args.out / "results.md").write_text(markdown(results))
     print(markdown(results))
     return 0
 
