@@ -205,7 +205,7 @@ def step_memory(models: tuple, outputs: list[int]) -> list[dict]:
     """Peak memory of one XPSR step (CFG batch 2, weights already loaded) at each output size."""
     _, _, patched, xpsr = models
     one_step(patched, xpsr, outputs[0] // 8, True)
-    rows = [{"output_px": px, "peak_bytes": peak_memory(lambda: one_step(patched, xpsr, px // 8, True))}
+    rows = [{"output_px": px, "peak_bytes": peak_memory(lambda px=px: one_step(patched, xpsr, px // 8, True))}
             for px in outputs]
     for row in rows:
         row["per_pixel_ratio"] = (row["peak_bytes"] / row["output_px"] ** 2) / (rows[0]["peak_bytes"] /
@@ -241,8 +241,9 @@ def compile_cost(models: tuple, latent: int, repeats: int, backend: str) -> dict
     """TorchCompileModel's compile (comfy_api's set_torch_compile_wrapper) on the stock model + ControlNet and on
     XPSR: the first step (cold compile, Dynamo reset before each) and the steady step, as XPSR / stock ratios."""
     import torch._dynamo
-    from comfy_api.torch_helpers import set_torch_compile_wrapper
     from torch._dynamo.utils import counters
+
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
 
     model, stock, patched, xpsr = models
     rows = {}
@@ -289,7 +290,7 @@ def tile_batching(pack, models: tuple, outputs: list[int], tile: int, overlap: i
         for _ in range(repeats):
             for name, (model, _) in variants.items():
                 times[name].append(one_step(model, xpsr, px // 8, True))
-        ratios = [b / s for b, s in zip(times["batched"], times["serial"])]
+        ratios = [b / s for b, s in zip(times["batched"], times["serial"], strict=True)]
         rows.append({"output_px": px, "tiles": tiler.tile_count(px // 8, px // 8),
                      "rows_per_call": {name: calls for name, (_, calls) in variants.items()},
                      "serial_s": statistics.median(times["serial"]), "batched_s": statistics.median(times["batched"]),
@@ -524,9 +525,9 @@ def caption_cost(pack, images: int = 4, tokens: int = 32) -> dict:
     import tempfile
 
     sys.path.insert(0, str(REPO / "tests"))
-    import tiny_vlm
-
     import folder_paths
+
+    import tiny_vlm
 
     base = Path(tempfile.mkdtemp(prefix="bench_llm_"))
     tiny_vlm.build_llava(base / "llava-tiny")
@@ -573,7 +574,8 @@ def caption_batching(pack, sizes: tuple[int, ...] = (1, 4, 16), images: int = 16
     rows = []
     for size in sizes:
         list(mllm.caption_rows(model, pictures, asked, size))  # a whole pass first: CPU kernels warm up per shape
-        seconds = min(timed(lambda: list(mllm.caption_rows(model, pictures, asked, size))) for _ in range(repeats))
+        seconds = min(timed(lambda size=size: list(mllm.caption_rows(model, pictures, asked, size)))
+                      for _ in range(repeats))
         rows.append({"batch": size, "captions": images * len(asked), "new_tokens": tokens, "seconds": seconds,
                      "captions_per_second": images * len(asked) / seconds})
     for row in rows:
@@ -628,7 +630,8 @@ def markdown(results: dict) -> str:
                   "| latent | output | time ratio | FLOP ratio | XPSR GFLOPs | stock GFLOPs |",
                   "|---|---|---|---|---|---|"]
         lines += [f"| {r['latent']}x{r['latent']} | {r['output_px']} px | {r['time_ratio']:.3f} | "
-                  f"{r['flop_ratio']:.3f} | {r['xpsr_gflops']:.0f} | {r['stock_gflops']:.0f} |" for r in results["step"]]
+                  f"{r['flop_ratio']:.3f} | {r['xpsr_gflops']:.0f} | {r['stock_gflops']:.0f} |"
+                  for r in results["step"]]
     if "attention_memory" in results:
         lines += ["", "## Conditional attention peak memory per token (relative to the smallest)", "",
                   "| tokens | peak MiB | per-token ratio |", "|---|---|---|"]
@@ -646,10 +649,12 @@ def markdown(results: dict) -> str:
                   f"{r['per_processed_mp_ratio']:.2f} |" for r in results["tiled"]]
     if "compile" in results:
         c = results["compile"]
-        lines += ["", f"## TorchCompileModel ({c['backend']}, latent {c['latent']}), XPSR over stock SD1.5 + ControlNet",
+        lines += ["", f"## TorchCompileModel ({c['backend']}, latent {c['latent']}), "
+                      "XPSR over stock SD1.5 + ControlNet",
                   "", "| | first step s | steady step s | graphs | graph breaks | recompiled after first |",
                   "|---|---|---|---|---|---|"]
-        lines += [f"| {n} | {c[n]['first_s']:.1f} | {c[n]['steady_s']:.2f} | {c[n]['graphs']} | {c[n]['graph_breaks']} | "
+        lines += [f"| {n} | {c[n]['first_s']:.1f} | {c[n]['steady_s']:.2f} | {c[n]['graphs']} | "
+                  f"{c[n]['graph_breaks']} | "
                   f"{c[n]['recompiled_after_first']} |" for n in ("stock", "xpsr")]
         lines += ["", f"First-compile ratio {c['first_ratio']:.2f}, steady-step ratio {c['steady_ratio']:.2f}."]
     if "tile_batching" in results:
@@ -695,8 +700,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--memory-outputs", default="512,1024", help="output sizes of the step-memory benchmark")
     parser.add_argument("--tiled-outputs", default="512,1024,2048", help="output sizes of the tiled benchmark")
-    parser.add_argument("--tile", type=int, default=64, help="latent tile size of the tiled benchmark (the 512 px "
-                                                             "output is one tile, so work per processed pixel is equal)")
+    parser.add_argument("--tile", type=int, default=64,
+                        help="latent tile size of the tiled benchmark (the 512 px output is one tile, so work per "
+                             "processed pixel is equal)")
     parser.add_argument("--overlap", type=int, default=8, help="latent tile overlap of the tiled benchmark")
     parser.add_argument("--compile-latent", type=int, default=32, help="latent size of the compile benchmark")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (TorchCompileModel's: "
@@ -714,7 +720,8 @@ def main() -> int:
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"some of {','.join(SECTIONS)}")
     parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="weights and compute of every model")
     parser.add_argument("--override", action="store_true",
-                        help="install a passthrough optimized_attention_override on the MODELs (as sage/flash nodes do)")
+                        help="install a passthrough optimized_attention_override on the MODELs (as sage/flash "
+                             "nodes do)")
     parser.add_argument("--vram", choices=("lowvram", "novram"), help="ComfyUI's VRAM launch flag")
     args = parser.parse_args()
     if not os.environ.get("COMFYUI_PATH"):

@@ -8,7 +8,7 @@ the official Gaussian weights. The sampler itself (any of ComfyUI's) never knows
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -82,8 +82,8 @@ class TiledCondBatch:
             tile_conds = [None if c is None else [self._tile_cond(d, group, x_in.shape[0], height, width) for d in c]
                           for c in conds]
             results = executor(model, tile_conds, x, timestep.repeat(len(group)), model_options)
-            for out, result in zip(outputs, results):
-                for box, tile_result in zip(group, result.chunk(len(group))):
+            for out, result in zip(outputs, results, strict=True):
+                for box, tile_result in zip(group, result.chunk(len(group)), strict=True):
                     out[tile_area(box)] += tile_result * weights
             for box in group:
                 total[tile_area(box)] += weights

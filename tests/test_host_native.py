@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import comfy_host as H  # skips this module without COMFYUI_PATH
+
 import comfy.cldm.cldm
 import comfy.controlnet
 import comfy.model_management as mm
@@ -104,7 +105,8 @@ def record_conditional_attention_context(model) -> tuple[list[torch.Tensor], tor
 
 
 def stacked(positive: list, negative: list, control, image: torch.Tensor, strength: float) -> tuple[list, list]:
-    return comfy_nodes.ControlNetApplyAdvanced().apply_controlnet(positive, negative, control, image, strength, 0.0, 1.0)
+    apply = comfy_nodes.ControlNetApplyAdvanced().apply_controlnet
+    return apply(positive, negative, control, image, strength, 0.0, 1.0)
 
 
 @pytest.mark.parametrize("order", ["stock_after_xpsr", "stock_before_xpsr"])
@@ -137,7 +139,7 @@ def test_conditional_attention_attends_to_xpsr_own_residuals_whatever_controlnet
     layers = len(conditional_attention_of(model))
     expected = [r * case.scale for r in reversed(own_residuals[0])][:layers]
     assert len(alone_seen) == len(seen) == layers
-    for layer, (a, b, e) in enumerate(zip(alone_seen, seen, expected)):
+    for layer, (a, b, e) in enumerate(zip(alone_seen, seen, expected, strict=True)):
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=f"decoder layer {layer}: K/V source changed by chaining")
         torch.testing.assert_close(a, e, msg=f"decoder layer {layer}: K/V source is not XPSR's residual x strength")
     assert (chained - alone).abs().max() > 1e-3  # the stock ControlNet's residuals did reach the UNet's skips
@@ -226,7 +228,8 @@ def relative_l2(actual: torch.Tensor, reference: torch.Tensor) -> float:
 
 @torch.no_grad()
 def test_fp8_weights_are_stored_in_fp8_and_stay_close_to_fp16():
-    """fp8 (e4m3fn) XPSR weights, computed in the MODEL's fp32: the eps error against the official output, beside fp16's."""
+    """fp8 (e4m3fn) XPSR weights, computed in the MODEL's fp32: the eps error against the official output, beside
+    fp16's."""
     H.setup_host()
     model, control = H.pack_module("nodes.loader").XPSRLoader.execute(H.make_model(), H.XPSR_FILE, "fp8_e4m3fn").args
     stored = {p.dtype for p in control.control_model.parameters()} | {
