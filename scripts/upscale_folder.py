@@ -230,23 +230,13 @@ def upscale(args: argparse.Namespace, core, base: dict, ranks: sharding.Ranks) -
     return run_folder(list_images(args.input), args.output, make_prompt, ranks)
 
 
-def finish(report: sharding.Report, ranks: sharding.Ranks) -> int:
-    """Rank 0 prints the summary of all ranks; 1 when an image failed anywhere."""
-    reports = sharding.gather(report, ranks)
-    sharding.stop()
-    if reports is None:
-        return 0
-    print(sharding.summary(reports, "upscaled", "image"), flush=True)
-    return 1 if any(r.failed for r in reports) else 0
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     ranks = sharding.ranks_from_env()
     sharding.start(ranks)
     core = start_comfy(args.cpu, ranks)
     base = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": args.checkpoint}}
-    return finish(upscale(args, core, base, ranks), ranks)
+    return sharding.finish(upscale(args, core, base, ranks), ranks, "upscaled", "image")
 
 
 if __name__ == "__main__":

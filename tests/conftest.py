@@ -1,6 +1,7 @@
 import os
 
 import pytest
+import torch
 
 from parity import ParityFixture, parity_fixture
 
@@ -11,6 +12,15 @@ HOST_SUITES = ("test_host_", "test_browser_")
 @pytest.fixture(scope="session")
 def oracle() -> ParityFixture:
     return parity_fixture()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The tiny models gain nothing from intra-op threads, and lose much when the CPUs are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _host_skips(session) -> list:

@@ -32,7 +32,8 @@ def main() -> int:
     ranks = batch.sharding.ranks_from_env()
     batch.sharding.start(ranks)
     H.setup_host()
-    return batch.finish(batch.upscale(args, H.pack_module("xpsr_core"), TINY_BASE, ranks), ranks)
+    report = batch.upscale(args, H.pack_module("xpsr_core"), TINY_BASE, ranks)
+    return batch.sharding.finish(report, ranks, "upscaled", "image")
 
 
 if __name__ == "__main__":

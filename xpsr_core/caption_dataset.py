@@ -163,12 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CaptionModelError, ValueError, MemoryError) as e:
         print(f"{ranks.label()}error: {e}", file=sys.stderr)
         report = sharding.Report(rank=ranks.rank, failed=[("(all)", str(e))]).finish()
-    reports = sharding.gather(report, ranks)
-    sharding.stop()
-    if reports is None:
-        return 0
-    print(sharding.summary(reports, "captioned", "image"), flush=True)
-    return 1 if any(r.failed for r in reports) else 0
+    return sharding.finish(report, ranks, "captioned", "image")
 
 
 if __name__ == "__main__":

@@ -105,6 +105,16 @@ def gather(report: Report, ranks: Ranks) -> list[Report] | None:
     return reports
 
 
+def finish(report: Report, ranks: Ranks, verb: str, unit: str) -> int:
+    """The end of a sharded command: rank 0 prints every rank's summary; the exit code is 1 if anything failed."""
+    reports = gather(report, ranks)
+    stop()
+    if reports is None:
+        return 0
+    print(summary(reports, verb, unit), flush=True)
+    return 1 if any(r.failed for r in reports) else 0
+
+
 def summary(reports: list[Report], verb: str, unit: str) -> str:
     """One paragraph: how many were done, skipped and failed (each failure with its reason), and the time."""
     done = [seconds for r in reports for _, seconds in r.done]
