@@ -29,7 +29,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import uuid
 from pathlib import Path
 
 import torch
@@ -324,21 +323,6 @@ class StepTimer:
         return out
 
 
-class _Server:
-    """What PromptExecutor needs of ComfyUI's server when there is none."""
-
-    client_id = None
-    last_node_id = None
-    last_prompt_id = None
-    sockets_metadata: dict = {}
-
-    def send_sync(self, event, data, sid=None):
-        pass
-
-    def queue_updated(self):
-        pass
-
-
 def register_graph_nodes(outputs: tuple) -> None:
     """Nodes that hand the in-memory models to a graph (nothing is read from disk), make a smooth random image, and
     take an IMAGE as the graph's output without saving it."""
@@ -425,18 +409,12 @@ def stock_graph(px: int, steps: int) -> dict:
 
 
 def execute_graph(prompt: dict) -> None:
-    """Validate and run an API prompt in a fresh PromptExecutor (nothing cached from the previous run)."""
-    import execution
+    """Validate and run an API prompt in a fresh PromptExecutor (nothing cached from the previous run), as the
+    batch command runs its graphs."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import upscale_folder
 
-    prompt_id = str(uuid.uuid4())
-    valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
-    if not valid[0]:
-        raise RuntimeError(f"the benchmark graph does not validate: {valid[1]} {valid[3]}")
-    executor = execution.PromptExecutor(_Server(), cache_type=execution.CacheType.CLASSIC)
-    asyncio.run(executor.execute_async(prompt, prompt_id, extra_data={}, execute_outputs=valid[2]))
-    if not executor.success:
-        errors = [data for event, data in executor.status_messages if event == "execution_error"]
-        raise RuntimeError(f"the benchmark graph failed: {errors}")
+    upscale_folder.execute(upscale_folder.headless_executor(), prompt)
 
 
 def clip_and_vae(dtype: torch.dtype):

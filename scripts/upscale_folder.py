@@ -87,7 +87,7 @@ def captions_for(image: Path, source: str, captions) -> tuple[str, str]:
     return captions.read_caption(paths.high_level), captions.read_caption(paths.low_level)
 
 
-class _Server:
+class HeadlessServer:
     """What PromptExecutor needs of ComfyUI's server when there is none (errors stay in its status_messages)."""
 
     client_id = None
@@ -102,15 +102,17 @@ class _Server:
         pass
 
 
-def upscale_one(executor, image: Path, prompt: dict, output: Path) -> list[Path]:
-    """Run one image's prompt and save the XPSR Sampler's image(s); a failure raises with its reason.
-
-    Each result is written under a temporary name and renamed, so a run killed mid-write leaves no result that a
-    resumed run would take for done.
-    """
+def headless_executor():
+    """A PromptExecutor without a server; it keeps loaded models and cached outputs between prompts."""
     import execution
 
-    to_pil = importlib.import_module(f"{PACK_MODULE}.nodes.caption").to_pil
+    return execution.PromptExecutor(HeadlessServer(), cache_type=execution.CacheType.CLASSIC)
+
+
+def execute(executor, prompt: dict) -> None:
+    """Validate and run an API prompt; a graph that does not validate or fails raises with the node's error."""
+    import execution
+
     prompt_id = str(uuid.uuid4())
     valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
     if not valid[0]:
@@ -120,6 +122,16 @@ def upscale_one(executor, image: Path, prompt: dict, output: Path) -> list[Path]
         errors = [f"{data['node_type']}: {data['exception_message']}" for event, data in executor.status_messages
                   if event == "execution_error"]
         raise RuntimeError(errors[-1] if errors else "the graph failed")
+
+
+def upscale_one(executor, image: Path, prompt: dict, output: Path) -> list[Path]:
+    """Run one image's prompt and save the XPSR Sampler's image(s); a failure raises with its reason.
+
+    Each result is written under a temporary name and renamed, so a run killed mid-write leaves no result that a
+    resumed run would take for done.
+    """
+    to_pil = importlib.import_module(f"{PACK_MODULE}.nodes.caption").to_pil
+    execute(executor, prompt)
     result = executor.caches.outputs.get("7")[0][0]
     paths = [output_path(output, image)] if len(result) == 1 else [output / f"{image.stem}_{b}.png"
                                                                    for b in range(len(result))]
@@ -134,10 +146,8 @@ def run_folder(images: list[Path], output: Path, make_prompt, ranks: sharding.Ra
                executor=None) -> sharding.Report:
     """Upscale this rank's share of ``images`` to <output>/<name>.png, skipping those done; failures are reported
     in the result, never raised, so one bad image does not stop the others."""
-    import execution
-
     output.mkdir(parents=True, exist_ok=True)
-    executor = executor or execution.PromptExecutor(_Server(), cache_type=execution.CacheType.CLASSIC)
+    executor = executor or headless_executor()
     report = sharding.Report(rank=ranks.rank)
     mine = sharding.shard(images, ranks)
     for i, image in enumerate(mine, 1):

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import importlib.util
 import json
 import os
 import sys
 import tempfile
 import textwrap
+import types
 import uuid
 from pathlib import Path
 
@@ -277,6 +279,14 @@ def run(prompt: dict) -> tuple[execution.PromptExecutor, DummyServer]:
     executor = execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC)
     asyncio.run(executor.execute_async(prompt, prompt_id, extra_data={}, execute_outputs=valid[2]))
     return executor, server
+
+
+def load_script(name: str) -> types.ModuleType:
+    """scripts/<name>.py as a fresh module (scripts/ is not a package), for tests that call its functions."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def output(executor: execution.PromptExecutor, node_id: str, index: int = 0):

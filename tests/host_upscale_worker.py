@@ -8,7 +8,6 @@ its sharding, its executor and its summary unchanged, so tests can launch it und
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -19,15 +18,8 @@ import comfy_host as H  # noqa: E402
 TINY_BASE = {"class_type": "XPSRTestTinySD15", "inputs": {}}
 
 
-def script():
-    spec = importlib.util.spec_from_file_location("upscale_folder", H.REPO / "scripts" / "upscale_folder.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def main() -> int:
-    batch = script()
+    batch = H.load_script("upscale_folder")
     args = batch.parse_args(sys.argv[1:])
     ranks = batch.sharding.ranks_from_env()
     batch.sharding.start(ranks)

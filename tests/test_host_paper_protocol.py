@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -11,15 +10,6 @@ import comfy_host as H  # skips this module without COMFYUI_PATH
 
 from host_upscale_worker import TINY_BASE
 from xpsr_core import evaluate, sharding
-
-SCRIPT = H.REPO / "scripts" / "paper_protocol.py"
-
-
-def protocol():
-    spec = importlib.util.spec_from_file_location("paper_protocol", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def tiny_set(root: Path, count: int = 2) -> Path:
@@ -34,7 +24,7 @@ def tiny_set(root: Path, count: int = 2) -> Path:
 
 def test_a_tiny_realsr_is_upscaled_scored_and_set_beside_the_papers_numbers(tmp_path: Path):
     dataset = tiny_set(tmp_path / "RealSR")
-    script = protocol()
+    script = H.load_script("paper_protocol")
     args, upscale_argv = script.parse_args([
         "--sets", str(dataset), "--output", str(tmp_path / "results"), "--metrics", "psnr,ssim,lpips",
         "--checkpoint", "tiny", "--xpsr", H.XPSR_FILE, "--captions", "none", "--steps", "2", "--process-size", "64",
@@ -61,6 +51,7 @@ def test_a_tiny_realsr_is_upscaled_scored_and_set_beside_the_papers_numbers(tmp_
 def test_a_set_without_hr_is_refused_by_name(tmp_path: Path, capsys):
     (tmp_path / "DRealSR" / "LR").mkdir(parents=True)
     with pytest.raises(SystemExit) as exit_:
-        protocol().parse_args(["--sets", str(tmp_path / "DRealSR"), "--output", str(tmp_path / "o")])
+        H.load_script("paper_protocol").parse_args(["--sets", str(tmp_path / "DRealSR"), "--output",
+                                                    str(tmp_path / "o")])
     assert exit_.value.code == 2
     assert f"--sets {tmp_path / 'DRealSR'} has no HR folder" in capsys.readouterr().err

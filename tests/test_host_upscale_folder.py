@@ -3,7 +3,6 @@ torchrun."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import socket
 import subprocess
@@ -18,13 +17,6 @@ SCRIPT = H.REPO / "scripts" / "upscale_folder.py"
 WORKER = H.REPO / "tests" / "host_upscale_worker.py"
 
 
-def script():
-    spec = importlib.util.spec_from_file_location("upscale_folder", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_folder_is_upscaled_with_each_images_captions(tmp_path: Path, monkeypatch):
     captions = H.pack_module("xpsr_core.captions")
     lr = tmp_path / "set" / "LR"
@@ -34,7 +26,7 @@ def test_folder_is_upscaled_with_each_images_captions(tmp_path: Path, monkeypatc
         paths = captions.caption_paths(lr / f"im{i}.png")
         captions.write_caption(paths.high_level, f"picture number {i}")
         captions.write_caption(paths.low_level, "blurry")
-    batch = script()
+    batch = H.load_script("upscale_folder")
     seen = []
     encode = H.pack_module("nodes.prompt_encode").XPSRDualPromptEncode.execute.__func__
 
@@ -110,7 +102,7 @@ def test_seeds_depend_on_the_run_seed_and_the_image_name_only():
 
 
 def test_an_interrupted_write_leaves_no_result_a_resumed_run_would_skip(tmp_path: Path):
-    batch = script()
+    batch = H.load_script("upscale_folder")
     (tmp_path / ".im0.png.partial").write_bytes(b"half a picture")
     assert not batch.output_path(tmp_path, Path("LR/im0.png")).exists()
 
@@ -125,11 +117,12 @@ def test_command_refuses_a_missing_folder(tmp_path: Path):
 def test_command_defaults_are_the_sampler_nodes_defaults():
     H.setup_host()
     spec = H.nodes.NODE_CLASS_MAPPINGS["XPSRSampler"].INPUT_TYPES()["required"]
-    assert script().SAMPLER_DEFAULTS == {name: spec[name][1]["default"] for name in script().SAMPLER_DEFAULTS}
+    defaults = H.load_script("upscale_folder").SAMPLER_DEFAULTS
+    assert defaults == {name: spec[name][1]["default"] for name in defaults}
 
 
 def test_command_prompt_settings_are_the_prompt_nodes_defaults():
     H.setup_host()
     spec = H.nodes.NODE_CLASS_MAPPINGS["XPSRDualPromptEncode"].INPUT_TYPES()["required"]
-    settings = script().prompt_settings(H.pack_module("xpsr_core.prompts"))
+    settings = H.load_script("upscale_folder").prompt_settings(H.pack_module("xpsr_core.prompts"))
     assert settings == {name: spec[name][1]["default"] for name in settings}
