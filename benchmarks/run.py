@@ -87,7 +87,7 @@ def passthrough_override(attention, *args, **kwargs):
 def unet_configs(pack, channels: int = 320) -> tuple[dict, dict]:
     """ComfyUI's SD1.5 UNet config and the pack's diffusers-layout one, with ``channels`` in the first level (320 is
     SD1.5; fewer make the same architecture small enough for a smoke run on a CPU)."""
-    sd15 = importlib.import_module(f"{pack.__name__}.xpsr_core.sd15_configs").UNET
+    sd15 = importlib.import_module(f"{pack.__name__}.xpsr_core.models.sd15_configs").UNET
     levels = [channels * m for m in SD15_UNET["channel_mult"]]
     return SD15_UNET | {"model_channels": channels}, sd15 | {"block_out_channels": levels}
 
@@ -216,7 +216,7 @@ def tiled_throughput(pack, models: tuple, outputs: list[int], tile: int, overlap
     """Time of one tiled XPSR step per output megapixel and per processed (tile) megapixel, relative to the first."""
     import comfy.patcher_extension
 
-    tiling = importlib.import_module(f"{pack.__name__}.xpsr_core.tiling")
+    tiling = importlib.import_module(f"{pack.__name__}.xpsr_core.pipeline.tiling")
     _, _, patched, xpsr = models
     model = patched.clone()
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, "bench_tiles",
@@ -466,7 +466,7 @@ def graph_cost(pack, models: tuple, dtype: torch.dtype, outputs: list[int], step
         timed.append(clone)
     clip, vae = clip_and_vae(dtype)
     register_graph_nodes((timed[0], stock, timed[1], xpsr, clip, vae))
-    prompts = importlib.import_module(f"{pack.__name__}.xpsr_core.prompts")
+    prompts = importlib.import_module(f"{pack.__name__}.xpsr_core.pipeline.prompts")
     rows = []
     for px in outputs:
         runs = {"stock": graph_run(stock_graph(px, steps), timer),
@@ -485,7 +485,7 @@ def weight_memory(pack) -> dict:
     import comfy.ops
 
     core = importlib.import_module(f"{pack.__name__}.xpsr_core")
-    sd15 = importlib.import_module(f"{pack.__name__}.xpsr_core.sd15_configs").UNET
+    sd15 = importlib.import_module(f"{pack.__name__}.xpsr_core.models.sd15_configs").UNET
     sizes = {}
     for name, dtype in (("fp16", torch.float16), ("fp8_e4m3fn", torch.float8_e4m3fn)):
         with torch.device("meta"):
@@ -513,7 +513,7 @@ def caption_cost(pack, images: int = 4, tokens: int = 32) -> dict:
     caption = pack.nodes.caption
     pictures = [caption.to_pil(torch.rand(64, 64, 3)) for _ in range(images)]
     mllm = caption.load_mllm("llava-tiny", "fp32", False)
-    describe = [("Describe.", importlib.import_module(f"{pack.__name__}.xpsr_core.mllm").Decoding(tokens))]
+    describe = [("Describe.", importlib.import_module(f"{pack.__name__}.xpsr_core.captioning.mllm").Decoding(tokens))]
     list(caption.captions(mllm, pictures[:1], 1, describe, 1, True))
     start = time.perf_counter()
     list(caption.captions(mllm, pictures, images, describe, 1, True))
@@ -541,8 +541,8 @@ def caption_batching(pack, sizes: tuple[int, ...] = (1, 4, 16), images: int = 16
         run()
         return time.perf_counter() - start
 
-    mllm = importlib.import_module(f"{pack.__name__}.xpsr_core.mllm")
-    captions = importlib.import_module(f"{pack.__name__}.xpsr_core.captions")
+    mllm = importlib.import_module(f"{pack.__name__}.xpsr_core.captioning.mllm")
+    captions = importlib.import_module(f"{pack.__name__}.xpsr_core.captioning.captions")
     model = mllm.load_caption_model(tiny_vlm.build_llava(Path(tempfile.mkdtemp(prefix="bench_batch_")) / "llava"),
                                     torch.float32)
     g = torch.Generator().manual_seed(0)
@@ -563,7 +563,7 @@ def caption_batching(pack, sizes: tuple[int, ...] = (1, 4, 16), images: int = 16
 
 ATTENTION_PROBE = textwrap.dedent("""
     import sys, torch
-    from xpsr_core.attention import Transformer2D
+    from xpsr_core.models.attention import Transformer2D
 
     def peak_rss():
         status = open("/proc/self/status").read()

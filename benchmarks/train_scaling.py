@@ -32,8 +32,8 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
-    from xpsr_core.train import Trainer, train_config_from_dict
-    from xpsr_core.train.distributed import process_group
+    from xpsr_core.training import Trainer, train_config_from_dict
+    from xpsr_core.training.distributed import process_group
 
     torch.set_num_threads(1)
     config = train_config_from_dict(dict(

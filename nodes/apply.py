@@ -5,7 +5,7 @@ from __future__ import annotations
 import nodes as comfy_nodes
 from comfy_api.latest import io
 
-from ..xpsr_core.image import to_rgb
+from ..xpsr_core.pipeline.image import to_rgb
 from .common import CATEGORY, XPSRControlNetType
 
 

@@ -22,11 +22,10 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from ..xpsr_core import caption_dataset
-from ..xpsr_core.caption_dataset import dual_instructions, write_dataset_captions
-from ..xpsr_core.captions import HIGH_LEVEL_INSTRUCTION, LOW_LEVEL_INSTRUCTION, list_lr_images
-from ..xpsr_core.image import to_rgb
-from ..xpsr_core.mllm import (
+from ..xpsr_core.captioning import caption_dataset
+from ..xpsr_core.captioning.caption_dataset import dual_instructions, write_dataset_captions
+from ..xpsr_core.captioning.captions import HIGH_LEVEL_INSTRUCTION, LOW_LEVEL_INSTRUCTION, list_lr_images
+from ..xpsr_core.captioning.mllm import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_MAX_NEW_TOKENS,
     OFFICIAL_LOW_LEVEL,
@@ -38,6 +37,7 @@ from ..xpsr_core.mllm import (
     load_caption_model,
     out_of_memory_advice,
 )
+from ..xpsr_core.pipeline.image import to_rgb
 from .access import allowed_path, dataset_folder, require_remote_code_allowed
 from .common import CATEGORY, DTYPE_CHOICES, choose_dtype, register_model_folder
 

@@ -17,8 +17,8 @@ import torch
 
 from comfy_api.latest import io
 
-from ..xpsr_core.caption_dataset import open_rgb
-from ..xpsr_core.captions import caption_paths, list_lr_images, read_caption
+from ..xpsr_core.captioning.caption_dataset import open_rgb
+from ..xpsr_core.captioning.captions import caption_paths, list_lr_images, read_caption
 from .access import allowed_path, dataset_folder
 from .common import CATEGORY
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..xpsr_core.color import COLOR_FIXES, color_fix
-from ..xpsr_core.image import resize, to_rgb
+from ..xpsr_core.pipeline.color import COLOR_FIXES, color_fix
+from ..xpsr_core.pipeline.image import resize, to_rgb
 from .common import CATEGORY
 
 

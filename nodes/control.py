@@ -18,7 +18,7 @@ import comfy.model_base
 import comfy.model_management
 import comfy.utils
 
-from ..xpsr_core.controlnet import SFAControlNet
+from ..xpsr_core.models.controlnet import SFAControlNet
 
 LOWLEVEL_KEY = "xpsr_lowlevel"
 """The model_conds key that carries the low-level prompt embedding c_l."""

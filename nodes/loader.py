@@ -23,8 +23,8 @@ class XPSRLoader(io.ComfyNode):
                 io.Model.Input("model", tooltip="An SD1.5 model from Load Checkpoint (LoRAs and other patches are "
                                                 "kept)."),
                 io.Combo.Input("xpsr_model", options=list_models(),
-                               tooltip="The single file from `python -m xpsr_core.convert`, or an official XPSR "
-                                       "checkpoint folder (with controlnet/ and unet/), under models/xpsr."),
+                               tooltip="The single file from `python -m xpsr_core.weights.convert`, or an official "
+                                       "XPSR checkpoint folder (with controlnet/ and unet/), under models/xpsr."),
                 io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPE_CHOICES), default="auto",
                                tooltip="Precision of the XPSR weights in memory; auto follows the MODEL. "
                                        "fp8_e4m3fn stores them in fp8 (a quarter of fp32) and computes in the "

@@ -15,9 +15,9 @@ import comfy.ops
 import comfy.supported_models
 import folder_paths
 
-from ..xpsr_core.checkpoint import build_models, load_checkpoint
-from ..xpsr_core.config import UNetConfig
 from ..xpsr_core.errors import CheckpointError
+from ..xpsr_core.models.config import UNetConfig
+from ..xpsr_core.weights.checkpoint import build_models, load_checkpoint
 from .common import FP8_DTYPES, WEIGHT_DTYPE_CHOICES, choose_dtype, register_model_folder
 from .control import ControlModel, XPSRControlNet
 
@@ -53,7 +53,7 @@ def resolve(name: str) -> Path:
         if path.exists():
             return path
     raise ValueError(f"XPSR model '{name}' not found in {folder_paths.get_folder_paths(FOLDER)}; put the single file "
-                     "from `python -m xpsr_core.convert` (or an official checkpoint folder) there")
+                     "from `python -m xpsr_core.weights.convert` (or an official checkpoint folder) there")
 
 
 def check_base_model(model: comfy.model_patcher.ModelPatcher, unet: UNetConfig, source: str) -> None:

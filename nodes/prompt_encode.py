@@ -14,7 +14,13 @@ import comfy.conds
 import comfy.sd1_clip
 from comfy_api.latest import io
 
-from ..xpsr_core.prompts import ADDED_PROMPT, LOWLEVEL_CFG_MODES, NEGATIVE_HIGH, NEGATIVE_LOW, high_level_prompt
+from ..xpsr_core.pipeline.prompts import (
+    ADDED_PROMPT,
+    LOWLEVEL_CFG_MODES,
+    NEGATIVE_HIGH,
+    NEGATIVE_LOW,
+    high_level_prompt,
+)
 from .common import CATEGORY
 from .control import LOWLEVEL_KEY
 

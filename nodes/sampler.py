@@ -11,9 +11,9 @@ import comfy.samplers
 import comfy.utils
 from comfy_api.latest import io
 
-from ..xpsr_core.color import COLOR_FIX_CHOICES
-from ..xpsr_core.color import color_fix as apply_color_fix
-from ..xpsr_core.image import pipeline_bytes, resize, to_rgb, upscale_for_processing
+from ..xpsr_core.pipeline.color import COLOR_FIX_CHOICES
+from ..xpsr_core.pipeline.color import color_fix as apply_color_fix
+from ..xpsr_core.pipeline.image import pipeline_bytes, resize, to_rgb, upscale_for_processing
 from .apply import attach_control
 from .common import CATEGORY, XPSRControlNetType
 from .sampling import (

@@ -11,7 +11,7 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 
-from ..xpsr_core.schedule import ADDED_NOISE_LEVEL, official_start, official_timesteps
+from ..xpsr_core.pipeline.schedule import ADDED_NOISE_LEVEL, official_start, official_timesteps
 
 OFFICIAL_SCHEDULER = "xpsr_official"
 SCHEDULERS = [OFFICIAL_SCHEDULER, *comfy.samplers.KSampler.SCHEDULERS]

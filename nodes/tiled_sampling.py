@@ -16,7 +16,7 @@ import comfy.controlnet
 import comfy.model_management
 import comfy.utils
 
-from ..xpsr_core.tiling import Box, gaussian_weights, needs_tiling, tile_boxes
+from ..xpsr_core.pipeline.tiling import Box, gaussian_weights, needs_tiling, tile_boxes
 from .control import XPSRControlNet
 
 

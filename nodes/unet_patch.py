@@ -21,7 +21,7 @@ from torch import nn
 import comfy.model_patcher
 from comfy.ldm.modules.diffusionmodules.openaimodel import TimestepEmbedSequential, Upsample
 
-from ..xpsr_core.conditional_attention import ConditionalAttention
+from ..xpsr_core.models.conditional_attention import ConditionalAttention
 from .control import RESIDUALS_KEY
 
 PATCH_KEY = "xpsr_conditional_attention"

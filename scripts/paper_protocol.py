@@ -7,9 +7,9 @@
 Each set is laid out as the official test script expects (<set>/LR, <set>/HR, and the caption folders
 highlevel_prompt/ and lowlevel_prompt_q/ for --captions txt). Its LR images are upscaled by
 scripts/upscale_folder.py's code into <output>/<set>/ (sharded under torchrun, resuming where results exist),
-then rank 0 scores them against HR with xpsr_core.evaluate and writes <output>/<set>.md: the run's means beside
-XPSR's numbers in the paper's Table 1, naming every metric skipped and why, and <output>/<set>.csv per image.
-Any other option is upscale_folder.py's (e.g. --steps, --cfg, --captions).
+then rank 0 scores them against HR with xpsr_core.evaluation.evaluate and writes <output>/<set>.md: the run's
+means beside XPSR's numbers in the paper's Table 1, naming every metric skipped and why, and
+<output>/<set>.csv per image. Any other option is upscale_folder.py's (e.g. --steps, --cfg, --captions).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.append(str(REPO))
 
-from xpsr_core import evaluate, paper, sharding  # noqa: E402
+from xpsr_core import sharding  # noqa: E402
+from xpsr_core.evaluation import evaluate, paper  # noqa: E402
 
 
 def upscale_folder():

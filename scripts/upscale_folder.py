@@ -7,7 +7,7 @@ Every image runs the graph of workflows/xpsr_manual_prompts.json (or, with --cap
 the MLLM graph) in one PromptExecutor, so models load once and evaluation measures exactly
 what ComfyUI users get. Captions come from the official dataset layout (``--captions txt``:
 highlevel_prompt/ and lowlevel_prompt_q/ beside LR/), from an MLLM under models/LLM, or are
-empty. Results are written as <output>/<name>.png, ready for ``python -m xpsr_core.evaluate``.
+empty. Results are written as <output>/<name>.png, ready for ``python -m xpsr_core.evaluation.evaluate``.
 
 Each image's seed comes from --seed and its file name, results that exist are skipped (a crashed run resumes)
 and an image that fails is reported without stopping the others. Under ``torchrun --nproc_per_node N`` every
@@ -31,7 +31,7 @@ sys.path.append(str(REPO))
 
 from xpsr_core import sharding  # noqa: E402  (torch only; ComfyUI is imported once the device is chosen)
 from xpsr_core.errors import one_line  # noqa: E402
-from xpsr_core.image import IMAGE_SUFFIXES  # noqa: E402
+from xpsr_core.pipeline.image import IMAGE_SUFFIXES  # noqa: E402
 
 SAMPLER_DEFAULTS = {"scale": 4.0, "process_size": 512, "seed": 0, "steps": 20, "cfg": 4.5, "sampler_name": "ddpm",
                     "scheduler": "xpsr_official", "start": "official", "denoise": 1.0, "control_strength": 1.0,
@@ -43,7 +43,7 @@ PACK_MODULE = str(REPO).replace(".", "_x_")
 
 
 def prompt_settings(prompts) -> dict:
-    """XPSR Dual Prompt Encode's official settings (``prompts`` is the pack's xpsr_core.prompts)."""
+    """XPSR Dual Prompt Encode's official settings (``prompts`` is the pack's xpsr_core.pipeline.prompts)."""
     return {"added_prompt": prompts.ADDED_PROMPT, "negative_high": prompts.NEGATIVE_HIGH,
             "negative_low": prompts.NEGATIVE_LOW, "token_mode": "official", "lowlevel_cfg": "official"}
 
@@ -80,7 +80,7 @@ def output_path(output: Path, image: Path) -> Path:
 
 
 def captions_for(image: Path, source: str, captions) -> tuple[str, str]:
-    """The image's official caption files when asked for (``captions`` is the pack's xpsr_core.captions)."""
+    """The image's official caption files when asked for (``captions`` is the pack's xpsr_core.captioning.captions)."""
     if source != "txt":
         return "", ""
     paths = captions.caption_paths(image)
@@ -227,8 +227,8 @@ def list_images(folder: Path) -> list[Path]:
 
 def upscale(args: argparse.Namespace, core, base: dict, ranks: sharding.Ranks) -> sharding.Report:
     """This rank's share of --input upscaled with ``base`` (the node giving MODEL, CLIP and VAE)."""
-    captions = importlib.import_module(f"{core.__name__}.captions")
-    prompts = prompt_settings(importlib.import_module(f"{core.__name__}.prompts"))
+    captions = importlib.import_module(f"{core.__name__}.captioning.captions")
+    prompts = prompt_settings(importlib.import_module(f"{core.__name__}.pipeline.prompts"))
 
     def make_prompt(image: Path) -> dict:
         high, low = captions_for(image, args.captions, captions)

@@ -49,7 +49,7 @@ import nodes  # noqa: E402
 from comfy.ldm.models.autoencoder import AutoencoderKL  # noqa: E402
 
 from parity import parity_fixture  # noqa: E402
-from xpsr_core.checkpoint import convert_official, load_official  # noqa: E402
+from xpsr_core.weights.checkpoint import convert_official, load_official  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = Path(tempfile.mkdtemp(prefix="xpsr_host_"))

@@ -13,9 +13,10 @@ import torch
 from torch import nn
 
 from parity import ParityFixture
-from xpsr_core import ConditionalAttention, ControlNetConfig, SFAControlNet, UNetConfig, load_checkpoint, sd15_configs
-from xpsr_core.attention import Transformer2D, sdpa_attention
-from xpsr_core.controlnet import semantic_fusion
+from xpsr_core import ConditionalAttention, ControlNetConfig, SFAControlNet, UNetConfig, load_checkpoint
+from xpsr_core.models import sd15_configs
+from xpsr_core.models.attention import Transformer2D, sdpa_attention
+from xpsr_core.models.controlnet import semantic_fusion
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import tiny_vlm  # noqa: E402
-from xpsr_core import captions  # noqa: E402
+from xpsr_core.captioning import captions  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,11 +42,12 @@ def free_port() -> int:
 
 
 def caption_command(dataset: Path, model: Path, ranks: int, *extra: str) -> subprocess.CompletedProcess:
-    """python -m xpsr_core.caption_dataset, under torchrun with ``ranks`` processes (0: plain, without torchrun)."""
+    """python -m xpsr_core.captioning.caption_dataset, under torchrun with ``ranks`` processes (0: plain, without
+    torchrun)."""
     launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr", "127.0.0.1",
                 "--master_port", str(free_port())] if ranks else []
-    command = [sys.executable, *launcher, "-m", "xpsr_core.caption_dataset", "--dataset", str(dataset), "--model",
-               str(model), "--cpu", "--max-new-tokens", "4", "--batch-size", "2", *extra]
+    command = [sys.executable, *launcher, "-m", "xpsr_core.captioning.caption_dataset", "--dataset", str(dataset),
+               "--model", str(model), "--cpu", "--max-new-tokens", "4", "--batch-size", "2", *extra]
     return subprocess.run(command, capture_output=True, text=True, timeout=150, cwd=REPO,
                           env=os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
 

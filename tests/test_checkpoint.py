@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from parity import ParityFixture
 from xpsr_core import CheckpointError, convert_official, load_checkpoint
-from xpsr_core.checkpoint import (
+from xpsr_core.weights.checkpoint import (
     CONDITIONAL_PREFIX,
     CONTROLNET_PREFIX,
     build_models,
@@ -22,7 +22,7 @@ from xpsr_core.checkpoint import (
     save_single_file,
     single_file_metadata,
 )
-from xpsr_core.safetensors_io import read_header
+from xpsr_core.weights.safetensors_io import read_header
 
 ROOT = Path(__file__).resolve().parents[1]
 BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
@@ -84,7 +84,7 @@ def test_converter_holds_only_controlnet_and_conditional_attention(oracle: Parit
 
 def test_converter_command_line(oracle: ParityFixture, tmp_path: Path):
     out = tmp_path / "xpsr_fp16.safetensors"
-    run = subprocess.run([sys.executable, "-m", "xpsr_core.convert", str(oracle.checkpoint), str(out),
+    run = subprocess.run([sys.executable, "-m", "xpsr_core.weights.convert", str(oracle.checkpoint), str(out),
                           "--dtype", "fp16"], capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0, run.stderr
     assert "fp16" in run.stdout
@@ -92,8 +92,8 @@ def test_converter_command_line(oracle: ParityFixture, tmp_path: Path):
 
 
 def test_converter_command_line_reports_a_bad_folder(tmp_path: Path):
-    run = subprocess.run([sys.executable, "-m", "xpsr_core.convert", str(tmp_path), str(tmp_path / "o.safetensors")],
-                         capture_output=True, text=True, cwd=ROOT)
+    run = subprocess.run([sys.executable, "-m", "xpsr_core.weights.convert", str(tmp_path),
+                          str(tmp_path / "o.safetensors")], capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 1
     assert str(tmp_path) in run.stderr and "controlnet/ and unet/" in run.stderr
 
@@ -165,7 +165,7 @@ def test_stock_controlnet_file_is_refused_as_single_file(oracle: ParityFixture, 
         load_checkpoint(path)
     msg = str(e.value)
     assert str(path) in msg and "stock ControlNet" in msg and "attentions_lowlevel" in msg
-    assert "python -m xpsr_core.convert" in msg
+    assert "python -m xpsr_core.weights.convert" in msg
 
 
 def test_stock_controlnet_ldm_layout_is_refused(tmp_path: Path):

@@ -11,7 +11,7 @@ import torch
 
 from parity import ParityFixture, assert_parity
 from xpsr_core import build_models, load_checkpoint
-from xpsr_core.unet import UNet2DCondition
+from xpsr_core.models.unet import UNet2DCondition
 
 
 @pytest.fixture(scope="module")

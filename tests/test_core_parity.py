@@ -7,8 +7,8 @@ import torch
 
 from parity import ParityFixture, assert_parity
 from xpsr_core import build_models, convert_official, load_checkpoint
-from xpsr_core.checkpoint import load_official
-from xpsr_core.unet import UNet2DCondition
+from xpsr_core.models.unet import UNet2DCondition
+from xpsr_core.weights.checkpoint import load_official
 
 LAYOUTS = ["official_folder", "single_file"]
 

@@ -9,11 +9,11 @@ from PIL import Image
 from skimage import data
 
 from e2e_oracle import assert_image_close, e2e_fixture
-from xpsr_core.color import adain_color_fix, color_fix, wavelet_color_fix
-from xpsr_core.image import processing_steps, resize, to_rgb, upscale_for_processing
-from xpsr_core.prompts import high_level_prompt
-from xpsr_core.schedule import noise_to_level, official_start, official_timesteps
-from xpsr_core.tiling import gaussian_weights, needs_tiling, tile_boxes
+from xpsr_core.pipeline.color import adain_color_fix, color_fix, wavelet_color_fix
+from xpsr_core.pipeline.image import processing_steps, resize, to_rgb, upscale_for_processing
+from xpsr_core.pipeline.prompts import high_level_prompt
+from xpsr_core.pipeline.schedule import noise_to_level, official_start, official_timesteps
+from xpsr_core.pipeline.tiling import gaussian_weights, needs_tiling, tile_boxes
 
 
 def test_official_timesteps_use_leading_spacing_with_offset_one():

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from xpsr_core.degradation import (
+from xpsr_core.training.degradation import (
     KERNEL_TYPES,
     DegradationConfig,
     KernelConfig,
@@ -39,7 +39,7 @@ from xpsr_core.degradation import (
     sinc_kernel,
     usm_sharp,
 )
-from xpsr_core.make_pairs import main
+from xpsr_core.training.make_pairs import main
 
 ROOT = Path(__file__).resolve().parents[1]
 ONLY_ISO = (1.0, 0.0, 0.0, 0.0, 0.0, 0.0)
@@ -373,8 +373,8 @@ def test_cli_runs_as_a_module(photos, tmp_path):
     (photos / "chelsea.png").unlink()
     (photos / "coffee.jpg").unlink()
     out = tmp_path / "set"
-    result = subprocess.run([sys.executable, "-m", "xpsr_core.make_pairs", "--hr", str(photos), "--out", str(out),
-                             "--size", "96"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-m", "xpsr_core.training.make_pairs", "--hr", str(photos), "--out",
+                             str(out), "--size", "96"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert Image.open(out / "HR" / "astronaut.png").size == (96, 96)
     assert Image.open(out / "LR" / "astronaut.png").size == (96, 96)

@@ -14,8 +14,8 @@ from PIL import Image
 from skimage import data
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from xpsr_core.evaluate import evaluate, image_pairs
-from xpsr_core.metrics import psnr_y, rgb_to_y, ssim_y
+from xpsr_core.evaluation.evaluate import evaluate, image_pairs
+from xpsr_core.evaluation.metrics import psnr_y, rgb_to_y, ssim_y
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,7 +64,7 @@ def write_sets(tmp_path: Path) -> tuple[Path, Path]:
 def test_command_writes_markdown_and_csv_and_names_skipped_metrics(tmp_path: Path):
     pred, gt = write_sets(tmp_path)
     out = tmp_path / "results"
-    run = subprocess.run([sys.executable, "-m", "xpsr_core.evaluate", "--pred", str(pred), "--gt", str(gt),
+    run = subprocess.run([sys.executable, "-m", "xpsr_core.evaluation.evaluate", "--pred", str(pred), "--gt", str(gt),
                           "--metrics", "psnr,ssim,lpips,niqe", "--out", str(out)], capture_output=True, text=True,
                          cwd=ROOT, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert run.returncode == 0, run.stderr

@@ -22,7 +22,7 @@ import comfy.model_management as mm  # noqa: E402
 import comfy.utils  # noqa: E402
 
 import tiny_vlm  # noqa: E402
-from xpsr_core import captions as caption_files  # noqa: E402
+from xpsr_core.captioning import captions as caption_files  # noqa: E402
 
 MODELS = {"llava": "llava-hf/llava-tiny", "qwen2_vl": "Qwen/Qwen2-VL-tiny"}
 

@@ -67,8 +67,8 @@ def test_official_schedule_is_951_to_1_for_20_steps():
 
 
 def test_xpsr_weights_are_loaded_with_the_unet_while_sampling_and_offloaded_after():
-    control_module = H.pack_module("xpsr_core.controlnet").SFAControlNet
-    attention_module = H.pack_module("xpsr_core.conditional_attention").ConditionalAttention
+    control_module = H.pack_module("xpsr_core.models.controlnet").SFAControlNet
+    attention_module = H.pack_module("xpsr_core.models.conditional_attention").ConditionalAttention
     seen: list[set[str]] = []
 
     def loaded_kinds() -> set[str]:

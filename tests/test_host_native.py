@@ -60,7 +60,7 @@ def conditional_attention_of(model) -> torch.nn.Module:
 @torch.no_grad()
 def test_attention_override_sees_every_attention_of_the_unet_the_controlnet_and_the_conditional_attention():
     model, control = xpsr_model()
-    core_attention = H.pack_module("xpsr_core.attention").Attention
+    core_attention = H.pack_module("xpsr_core.models.attention").Attention
     parts = {
         "unet": [m for m in model.model.diffusion_model.modules() if isinstance(m, CrossAttention)],
         "controlnet": [m for m in control.control_model.modules() if isinstance(m, core_attention)],

@@ -9,7 +9,8 @@ import pytest
 import comfy_host as H  # skips this module without COMFYUI_PATH
 
 from host_upscale_worker import TINY_BASE
-from xpsr_core import evaluate, sharding
+from xpsr_core import sharding
+from xpsr_core.evaluation import evaluate
 
 
 def tiny_set(root: Path, count: int = 2) -> Path:

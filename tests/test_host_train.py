@@ -12,7 +12,7 @@ import comfy_host as H  # skips this module without COMFYUI_PATH
 from parity import assert_parity, parity_fixture
 from test_host_parity import conditioning, evaluate_once, with_control
 from tiny_sd15 import build_dataset, build_tiny_base
-from xpsr_core.train import Trainer, train_config_from_dict
+from xpsr_core.training import Trainer, train_config_from_dict
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ WORKER = H.REPO / "tests" / "host_upscale_worker.py"
 
 
 def test_folder_is_upscaled_with_each_images_captions(tmp_path: Path, monkeypatch):
-    captions = H.pack_module("xpsr_core.captions")
+    captions = H.pack_module("xpsr_core.captioning.captions")
     lr = tmp_path / "set" / "LR"
     lr.mkdir(parents=True)
     for i, size in enumerate([(20, 16), (24, 24)]):
@@ -40,7 +40,7 @@ def test_folder_is_upscaled_with_each_images_captions(tmp_path: Path, monkeypatc
     def make_prompt(image: Path) -> dict:
         high, low = batch.captions_for(image, "txt", captions)
         return batch.build_prompt(image, {"class_type": "XPSRTestTinySD15", "inputs": {}}, H.XPSR_FILE, sampler,
-                                  batch.prompt_settings(H.pack_module("xpsr_core.prompts")), high, low)
+                                  batch.prompt_settings(H.pack_module("xpsr_core.pipeline.prompts")), high, low)
 
     H.setup_host()
     report = batch.run_folder(sorted(lr.iterdir()), tmp_path / "out", make_prompt)
@@ -124,5 +124,5 @@ def test_command_defaults_are_the_sampler_nodes_defaults():
 def test_command_prompt_settings_are_the_prompt_nodes_defaults():
     H.setup_host()
     spec = H.nodes.NODE_CLASS_MAPPINGS["XPSRDualPromptEncode"].INPUT_TYPES()["required"]
-    settings = H.load_script("upscale_folder").prompt_settings(H.pack_module("xpsr_core.prompts"))
+    settings = H.load_script("upscale_folder").prompt_settings(H.pack_module("xpsr_core.pipeline.prompts"))
     assert settings == {name: spec[name][1]["default"] for name in settings}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xpsr_core.controlnet import ControlNetOutput
-from xpsr_core.losses import dfc_loss, diffusion_loss, paper_latent_heads
+from xpsr_core.models.controlnet import ControlNetOutput
+from xpsr_core.training.losses import dfc_loss, diffusion_loss, paper_latent_heads
 
 
 def constant_output(rgb_values, latent_values, mid_value, size=16) -> ControlNetOutput:

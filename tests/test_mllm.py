@@ -22,8 +22,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import tiny_vlm  # noqa: E402
-from xpsr_core import captions, mllm  # noqa: E402
-from xpsr_core.mllm import CaptionModelError, caption_image, clean_caption, load_caption_model  # noqa: E402
+from xpsr_core.captioning import captions, mllm  # noqa: E402
+from xpsr_core.captioning.mllm import CaptionModelError, caption_image, clean_caption, load_caption_model  # noqa: E402
 
 MODEL_FOLDERS = {"llava": "llava-hf/llava-1.5-tiny", "llava_next": "llava-next-tiny", "qwen2_vl": "Qwen/Qwen2-VL-tiny"}
 QWEN_UNAVAILABLE = tiny_vlm.qwen2_vl_unavailable()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from xpsr_core import paper
-from xpsr_core.evaluate import Report
+from xpsr_core.evaluation import paper
+from xpsr_core.evaluation.evaluate import Report
 
 
 def test_table1_holds_xpsrs_published_row_for_each_set():

@@ -12,14 +12,14 @@ from safetensors.torch import save_file
 
 from tiny_sd15 import build_dataset, build_tiny_base, image_tensor
 from xpsr_core import build_models, load_checkpoint
-from xpsr_core.conditional_attention import ConditionalAttention
 from xpsr_core.errors import CheckpointError
-from xpsr_core.from_unet import controlnet_from_unet
-from xpsr_core.sd15 import load_sd15
-from xpsr_core.train import ConfigError, Trainer, load_train_config, train_config_from_dict
-from xpsr_core.train.__main__ import main
-from xpsr_core.train.data import PairedDataset, collate
-from xpsr_core.train.objective import batch_loss, training_alphas_cumprod
+from xpsr_core.models.conditional_attention import ConditionalAttention
+from xpsr_core.training import ConfigError, Trainer, load_train_config, train_config_from_dict
+from xpsr_core.training.__main__ import main
+from xpsr_core.training.data import PairedDataset, collate
+from xpsr_core.training.from_unet import controlnet_from_unet
+from xpsr_core.training.objective import batch_loss, training_alphas_cumprod
+from xpsr_core.weights.sd15 import load_sd15
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -27,10 +27,10 @@ import yaml
 
 from tiny_sd15 import build_dataset, build_tiny_base
 from xpsr_core import load_checkpoint
-from xpsr_core.train import ConfigError, Trainer, train_config_from_dict
-from xpsr_core.train.data import ResumableBatchSampler
-from xpsr_core.train.distributed import torchrun_ranks
-from xpsr_core.train.trainer import LOSS_LOG
+from xpsr_core.training import ConfigError, Trainer, train_config_from_dict
+from xpsr_core.training.data import ResumableBatchSampler
+from xpsr_core.training.distributed import torchrun_ranks
+from xpsr_core.training.trainer import LOSS_LOG
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH_TIMEOUT = 120
@@ -63,11 +63,11 @@ def free_port() -> int:
 
 
 def torchrun(root: Path, output: Path, processes: int = 2, **overrides) -> str:
-    """``torchrun --nproc_per_node 2 -m xpsr_core.train --config <yaml>``; its output, or a failure with it."""
+    """``torchrun --nproc_per_node 2 -m xpsr_core.training --config <yaml>``; its output, or a failure with it."""
     config = root / f"config-{next(_CONFIGS)}.yaml"
     config.write_text(yaml.safe_dump(settings(root, output, **overrides)))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr",
-               "127.0.0.1", "--master_port", str(free_port()), "-m", "xpsr_core.train", "--config", str(config)]
+               "127.0.0.1", "--master_port", str(free_port()), "-m", "xpsr_core.training", "--config", str(config)]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")} | \
         {"OMP_NUM_THREADS": "1"}
     with subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -6,7 +6,7 @@ VAE is a diffusers AutoencoderKL with 32-channel blocks and SD1.5's x8 downscale
 encoder a 2-layer CLIPTextModel of width 32, the tokenizer a CLIPTokenizer over the 256
 byte-level symbols, their end-of-word forms and a few merges. The base is written both as a
 diffusers folder and as an LDM single file; the LDM keys are produced here by inverting
-the diffusers key layout, and ``xpsr_core.sd15`` converts them back with diffusers' own
+the diffusers key layout, and ``xpsr_core.weights.sd15`` converts them back with diffusers' own
 converters, so the two loaders agreeing tests both directions.
 
 The training set is crops of photos that ship with scikit-image, degraded by a x4

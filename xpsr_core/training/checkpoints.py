@@ -3,7 +3,7 @@
 ``checkpoint-N/`` holds what the official train.py writes (``controlnet/`` and ``unet/``, each
 ``config.json`` + ``diffusion_pytorch_model.safetensors``, fp32; ``unet/`` is the whole UNet:
 the frozen SD1.5 tensors plus the conditional attention), so the official test script and
-``xpsr_core.checkpoint.load_checkpoint`` both read it. Beside them: ``xpsr.safetensors``, the
+``xpsr_core.weights.checkpoint.load_checkpoint`` both read it. Beside them: ``xpsr.safetensors``, the
 single file ComfyUI's XPSR Loader reads, and ``training_state/`` (optimizer, LR schedule,
 loss scaler, step, random generator states) from which a run resumes exactly. A checkpoint is
 written under a temporary name and renamed when complete, so an interrupted save never looks
@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from ..checkpoint import DTYPES, XPSRCheckpoint, save_single_file
-from ..config import ControlNetConfig, UNetConfig
 from ..errors import CheckpointError
-from ..unet import UNet2DCondition
+from ..models.config import ControlNetConfig, UNetConfig
+from ..models.unet import UNet2DCondition
+from ..weights.checkpoint import DTYPES, XPSRCheckpoint, save_single_file
 from .objective import XPSRTrainable
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -114,7 +114,7 @@ def read_training_state(folder: Path) -> tuple[int, dict[str, Any]]:
     state_dir = folder / STATE_DIR
     if not (state_dir / STATE_JSON).is_file() or not (state_dir / STATE_TENSORS).is_file():
         raise CheckpointError(f"{folder}: no {STATE_DIR}/{STATE_JSON} and {STATE_DIR}/{STATE_TENSORS}; expected a "
-                              "checkpoint written by xpsr_core.train (a released checkpoint has no training state)")
+                              "checkpoint written by xpsr_core.training (a released checkpoint has no training state)")
     step = json.loads((state_dir / STATE_JSON).read_text())["global_step"]
     return int(step), torch.load(state_dir / STATE_TENSORS, map_location="cpu", weights_only=True)
 

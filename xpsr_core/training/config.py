@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from ..losses import DFC_FORMS, DFC_WEIGHT
+from .losses import DFC_FORMS, DFC_WEIGHT
 
 
 class ConfigError(ValueError):

@@ -25,11 +25,11 @@ from typing import Any
 
 import torch
 
-from . import sd15_configs
+from ..errors import CheckpointError, first_line
+from ..models import sd15_configs
+from ..models.config import UNetConfig, read_config_file
+from ..models.unet import UNet2DCondition
 from .checkpoint import WeightFile, check_tensors, find_weights_file, identify_foreign, stock_unet_shapes
-from .config import UNetConfig, read_config_file
-from .errors import CheckpointError, first_line
-from .unet import UNet2DCondition
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

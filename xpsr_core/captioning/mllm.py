@@ -26,7 +26,7 @@ from PIL import Image
 from transformers import AutoProcessor, StoppingCriteria, StoppingCriteriaList
 from transformers.models.auto import configuration_auto, modeling_auto
 
-from .errors import one_line
+from ..errors import one_line
 
 DEFAULT_MAX_NEW_TOKENS = 170
 """The official LLaVA captioning length."""

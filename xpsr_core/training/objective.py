@@ -16,12 +16,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..conditional_attention import ConditionalAttention
-from ..controlnet import ControlNetOutput, SFAControlNet
-from ..losses import DFC_WEIGHT, dfc_loss, diffusion_loss
-from ..schedule import TRAIN_TIMESTEPS, noise_to_level
-from ..sd15 import SD15Base
-from ..unet import UNet2DCondition
+from ..models.conditional_attention import ConditionalAttention
+from ..models.controlnet import ControlNetOutput, SFAControlNet
+from ..models.unet import UNet2DCondition
+from ..pipeline.schedule import TRAIN_TIMESTEPS, noise_to_level
+from ..weights.sd15 import SD15Base
+from .losses import DFC_WEIGHT, dfc_loss, diffusion_loss
 
 BETA_START = 0.00085
 BETA_END = 0.012

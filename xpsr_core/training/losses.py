@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .controlnet import ControlNetOutput
+from ..models.controlnet import ControlNetOutput
 
 DFC_WEIGHT = 0.05
 """lambda of the released train.py: the one default of every DFC weight (losses, LossSettings, TrainConfig)."""

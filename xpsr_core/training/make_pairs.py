@@ -1,6 +1,7 @@
 """Make XPSR training pairs from a folder of HR images, as the official utils_data/make_train.py does.
 
-    python -m xpsr_core.make_pairs --hr photos/ --out trainset/ [--size 512] [--scale 4] [--seed 0] [--per-image N]
+    python -m xpsr_core.training.make_pairs --hr photos/ --out trainset/ [--size 512] [--scale 4] [--seed 0]
+        [--per-image N]
 
 writes ``<out>/HR/<name>.png`` (the USM-sharpened crop) and ``<out>/LR/<name>.png`` (its
 degraded LR, bicubic-upsampled back to the crop size), the layout the official training reads.
@@ -21,8 +22,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..pipeline.image import IMAGE_SUFFIXES
 from .degradation import DegradationConfig, make_pair, minimum_size
-from .image import IMAGE_SUFFIXES
 
 
 class PairsError(ValueError):
@@ -110,7 +111,7 @@ def make_pairs(hr_folder: Path, out_folder: Path, size: int = 512, scale: int = 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; refused input exits with status 2 and one line naming it, as argparse's own errors do."""
-    parser = argparse.ArgumentParser(prog="python -m xpsr_core.make_pairs", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m xpsr_core.training.make_pairs", description=__doc__.split("\n")[0])
     parser.add_argument("--hr", type=Path, required=True, help="folder of HR images (not searched recursively)")
     parser.add_argument("--out", type=Path, required=True, help="dataset folder; HR/ and LR/ are made inside")
     parser.add_argument("--size", type=int, default=512, help="HR crop size (official: 512)")

@@ -23,10 +23,10 @@ from dataclasses import fields
 
 import torch
 
-from .config import ControlNetConfig, UNetConfig, UNetShape
-from .controlnet import SFAControlNet
-from .errors import CheckpointError
-from .unet import UNet2DCondition
+from ..errors import CheckpointError
+from ..models.config import ControlNetConfig, UNetConfig, UNetShape
+from ..models.controlnet import SFAControlNet
+from ..models.unet import UNet2DCondition
 
 COPIED_PREFIXES = ("conv_in.", "time_embedding.", "down_blocks.", "mid_block.")
 ZERO_PREFIXES = ("controlnet_down_blocks.", "controlnet_mid_block.", "controlnet_cond_embedding.conv_out.")

@@ -1,4 +1,4 @@
-"""``python -m xpsr_core.convert <official checkpoint dir> <out.safetensors> [--dtype fp16]``
+"""``python -m xpsr_core.weights.convert <official checkpoint dir> <out.safetensors> [--dtype fp16]``
 
 Turns the released ``checkpoint-N/`` folder (ControlNet + the whole 4.4 GB UNet) into the
 pack's single file: the ControlNet and the UNet's conditional attention, nothing of the
@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..errors import CheckpointError
 from .checkpoint import DTYPES, convert_official
-from .errors import CheckpointError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m xpsr_core.convert", description=__doc__.split("\n\n")[1])
+    parser = argparse.ArgumentParser(prog="python -m xpsr_core.weights.convert", description=__doc__.split("\n\n")[1])
     parser.add_argument("checkpoint", help="official checkpoint folder (with controlnet/ and unet/)")
     parser.add_argument("output", help="the .safetensors file to write (e.g. ComfyUI/models/xpsr/xpsr.safetensors)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",

@@ -1,5 +1,5 @@
-"""``python -m xpsr_core.train --config configs/train_example.yaml``, or under
-``torchrun --nproc_per_node N [--nnodes M ...] -m xpsr_core.train --config ...`` on N devices per node."""
+"""``python -m xpsr_core.training --config configs/train_example.yaml``, or under
+``torchrun --nproc_per_node N [--nnodes M ...] -m xpsr_core.training --config ...`` on N devices per node."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from .trainer import Trainer
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m xpsr_core.train",
+    parser = argparse.ArgumentParser(prog="python -m xpsr_core.training",
                                      description="Train XPSR (SFA-ControlNet + conditional attention) on SD1.5.")
     parser.add_argument("--config", required=True, help="YAML training config (see configs/train_example.yaml)")
     args = parser.parse_args(argv)

@@ -1,4 +1,6 @@
-"""Caption a dataset in the official layout: ``python -m xpsr_core.caption_dataset --dataset SET --model FOLDER``.
+"""Caption a dataset in the official layout.
+
+    python -m xpsr_core.captioning.caption_dataset --dataset SET --model FOLDER
 
 For SET/LR/<name>.png it writes SET/highlevel_prompt/<name>.txt and SET/lowlevel_prompt_q/<name>.txt with a local
 vision-language model, many images per generate call, leaving caption files that exist alone unless --overwrite.
@@ -18,7 +20,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from . import sharding
+from .. import sharding
 from .captions import HIGH_LEVEL_INSTRUCTION, LOW_LEVEL_INSTRUCTION, caption_paths, list_lr_images, write_caption
 from .mllm import (
     DEFAULT_BATCH_SIZE,
@@ -129,7 +131,8 @@ def caption_shard(model_folder: Path, dataset: Path, args: argparse.Namespace, r
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m xpsr_core.caption_dataset", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m xpsr_core.captioning.caption_dataset",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", required=True, type=Path, help="the folder that holds LR/")
     parser.add_argument("--model", required=True, type=Path, help="a Hugging Face vision-language model folder")
     parser.add_argument("--overwrite", action="store_true", help="replace caption files that exist")

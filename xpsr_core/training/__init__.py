@@ -1,4 +1,4 @@
-"""Training XPSR outside ComfyUI: ``python -m xpsr_core.train --config <yaml>``.
+"""Training XPSR outside ComfyUI: ``python -m xpsr_core.training --config <yaml>``.
 
 Needs diffusers (the VAE), transformers (the CLIP text encoder and tokenizer), PyYAML and
 tqdm besides torch; the rest of xpsr_core does not.

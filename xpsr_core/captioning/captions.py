@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .image import IMAGE_SUFFIXES
+from ..pipeline.image import IMAGE_SUFFIXES
 
 HIGH_LEVEL_INSTRUCTION = "Please provide a descriptive summary of the content of this image."
 """What the official script asks LLaVA-1.5 for the high-level caption."""

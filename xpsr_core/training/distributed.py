@@ -1,6 +1,6 @@
 """Training over several processes started by torchrun, with torch.distributed's own machinery.
 
-``torchrun --nproc_per_node N [--nnodes M ...] -m xpsr_core.train --config ...`` starts one
+``torchrun --nproc_per_node N [--nnodes M ...] -m xpsr_core.training --config ...`` starts one
 process per device with RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set. Each
 process joins the process group (NCCL between GPUs, gloo between CPU processes) and trains on
 cuda:LOCAL_RANK or the CPU. Without torchrun none of those variables is set and the run is the

@@ -1,4 +1,4 @@
-"""``python -m xpsr_core.evaluate --pred DIR --gt DIR``: the paper's metrics for a folder of results.
+"""``python -m xpsr_core.evaluation.evaluate --pred DIR --gt DIR``: the paper's metrics for a folder of results.
 
 Writes a markdown table and a CSV (one row per image plus the mean) and says which metrics
 were skipped and why. PSNR/SSIM always run; the learned metrics run through pyiqa when it
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .image import IMAGE_SUFFIXES
+from ..pipeline.image import IMAGE_SUFFIXES
 from .metrics import FULL_REFERENCE, LEARNED, LOWER_IS_BETTER, Unavailable, learned_metric, psnr_y, ssim_y
 
 ALL_METRICS = ("psnr", "ssim", *LEARNED, "fid")
@@ -133,7 +133,8 @@ def parse_weights(values: list[str]) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m xpsr_core.evaluate", description=__doc__.split("\n\n")[1])
+    parser = argparse.ArgumentParser(prog="python -m xpsr_core.evaluation.evaluate",
+                                     description=__doc__.split("\n\n")[1])
     parser.add_argument("--pred", required=True, type=Path, help="folder of restored images")
     parser.add_argument("--gt", required=True, type=Path, help="folder of ground-truth images (same names)")
     parser.add_argument("--metrics", default=",".join(ALL_METRICS),

@@ -8,7 +8,7 @@ Two layouts hold the same tensors:
   conditional-attention tensors;
 * one ``.safetensors`` with the ControlNet (``controlnet.*``) and the conditional attention
   (``conditional_attention.*``), both configs in its metadata, in fp32, fp16 or bf16. This
-  is what ``python -m xpsr_core.convert`` writes and what users drop into ``models/xpsr``.
+  is what ``python -m xpsr_core.weights.convert`` writes and what users drop into ``models/xpsr``.
 
 Every tensor is checked against the shapes the config implies before anything is built;
 each failure names the file, the key and what was expected.
@@ -26,13 +26,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .attention import AttentionFunction, Operations, sdpa_attention
-from .conditional_attention import PIXEL_ATTENTIONS_KEY, ConditionalAttention
-from .config import ControlNetConfig, UNetConfig, read_config_file
-from .controlnet import SFAControlNet
-from .errors import CheckpointError, first_line
+from ..errors import CheckpointError, first_line
+from ..models.attention import AttentionFunction, Operations, sdpa_attention
+from ..models.conditional_attention import PIXEL_ATTENTIONS_KEY, ConditionalAttention
+from ..models.config import ControlNetConfig, UNetConfig, read_config_file
+from ..models.controlnet import SFAControlNet
+from ..models.unet import UNet2DCondition
 from .safetensors_io import read_header, write_streaming
-from .unet import UNet2DCondition
 
 FORMAT = "xpsr"
 FORMAT_VERSION = "1"
@@ -233,7 +233,7 @@ def load_xpsr_single_file(path: str | Path, dtype: torch.dtype | None = None) ->
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
     if path.suffix != ".safetensors":
-        raise CheckpointError(f"{path}: expected a .safetensors file written by `python -m xpsr_core.convert`, "
+        raise CheckpointError(f"{path}: expected a .safetensors file written by `python -m xpsr_core.weights.convert`, "
                               "or an official checkpoint folder")
     header = read_header(path)
     if header.metadata.get("format") != FORMAT:
@@ -241,7 +241,7 @@ def load_xpsr_single_file(path: str | Path, dtype: torch.dtype | None = None) ->
         if not kind.startswith("not"):
             kind = f"{kind}, not an XPSR model file"
         raise CheckpointError(f"{path}: this is {kind}; expected the single file written by "
-                              "`python -m xpsr_core.convert <official checkpoint folder> <out.safetensors>`")
+                              "`python -m xpsr_core.weights.convert <official checkpoint folder> <out.safetensors>`")
     if header.metadata.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format version {header.metadata.get('format_version')!r}; this version of the "
                               f"pack reads version {FORMAT_VERSION}")

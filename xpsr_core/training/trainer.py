@@ -32,16 +32,16 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..attention import set_gradient_checkpointing
-from ..checkpoint import load_checkpoint
-from ..conditional_attention import ConditionalAttention
 from ..errors import CheckpointError
-from ..from_unet import controlnet_from_unet
-from ..sd15 import SD15Base, load_sd15
+from ..models.attention import set_gradient_checkpointing
+from ..models.conditional_attention import ConditionalAttention
+from ..weights.checkpoint import load_checkpoint
+from ..weights.sd15 import SD15Base, load_sd15
 from .checkpoints import list_checkpoints, prune_checkpoints, read_training_state, write_checkpoint
 from .config import ConfigError, TrainConfig
 from .data import PairedDataset, ResumableBatchSampler, collate, noise_generator
 from .distributed import current_ranks, resolve_device
+from .from_unet import controlnet_from_unet
 from .objective import LossSettings, LossTerms, XPSRTrainable, batch_loss, training_alphas_cumprod
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import first_line
+from ..errors import first_line
 
 FULL_REFERENCE = ("lpips", "dists")
 NO_REFERENCE = ("niqe", "musiq", "maniqa", "clipiqa")

@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from ..image import IMAGE_SUFFIXES
+from ..pipeline.image import IMAGE_SUFFIXES
 from .config import ConfigError
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,2 @@
+"""The MLLM prompts of XPSR (paper Sec. 3.3): instructions, caption files, captioning a dataset.
+"""
