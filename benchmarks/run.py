@@ -125,7 +125,7 @@ def build(pack, dtype: torch.dtype = torch.float32, override: bool = False, chan
     xpsr_cn = randomize(SFAControlNet(ControlNetConfig.from_dict(sd15 | {"use_lowlevel_prompt": True}),
                                       attention=attention_fn, dtype=dtype), 2)
     conditional = randomize(ConditionalAttention(UNetConfig.from_dict(sd15), attention=attention_fn, dtype=dtype), 3)
-    xpsr = nodes_control.XPSRControlNet(nodes_control.ControlModel(xpsr_cn, dtype), load_device=device)
+    xpsr = nodes_control.XPSRControlNet(xpsr_cn, dtype, load_device=device)
     patched = unet_patch.patch_model(model, comfy.model_patcher.ModelPatcher(conditional, load_device=device,
                                                                              offload_device=offload))
     return model, stock, patched, xpsr

@@ -1,4 +1,5 @@
-"""What every XPSR node shares: the category, the XPSR_CONTROLNET socket type, dtype choices, model folders."""
+"""What every XPSR node shares: the category, the XPSR_CONTROLNET socket type, the keys under which XPSR's tensors
+travel through ComfyUI, dtype choices, model folders."""
 
 from __future__ import annotations
 
@@ -11,6 +12,17 @@ from comfy_api.latest import io
 
 CATEGORY = "image/upscaling/XPSR"
 XPSRControlNetType = io.Custom("XPSR_CONTROLNET")
+
+LOWLEVEL_KEY = "xpsr_lowlevel"
+"""The model_conds key that carries the low-level prompt embedding c_l."""
+
+RESIDUALS_KEY = "xpsr_residuals"
+"""The transformer_options key under which the XPSR ControlNet leaves its own down residuals for the model call.
+
+Set only while the control is active; the UNet's conditional attention reads it, so it
+attends to XPSR's residuals (after strength) whatever other ControlNets add to the skips.
+"""
+
 DTYPE_CHOICES = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 WEIGHT_DTYPE_CHOICES = DTYPE_CHOICES | {"fp8_e4m3fn": torch.float8_e4m3fn}
 """Weight storage choices of the XPSR Loader: fp8 is stored only, and computed in the MODEL's dtype."""

@@ -11,7 +11,6 @@ conditional attention.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 import comfy.controlnet
 import comfy.model_base
@@ -19,34 +18,10 @@ import comfy.model_management
 import comfy.utils
 
 from ..xpsr_core.models.controlnet import SFAControlNet
-
-LOWLEVEL_KEY = "xpsr_lowlevel"
-"""The model_conds key that carries the low-level prompt embedding c_l."""
-
-RESIDUALS_KEY = "xpsr_residuals"
-"""The transformer_options key under which the XPSR ControlNet leaves its own down residuals for the model call.
-
-Set only while the control is active; the UNet's conditional attention reads it, so it
-attends to XPSR's residuals (after strength) whatever other ControlNets add to the skips.
-"""
+from .common import LOWLEVEL_KEY, RESIDUALS_KEY
 
 
-class ControlModel(nn.Module):
-    """Adapts the core SFA-ControlNet to the call and return format of ComfyUI's control models."""
-
-    def __init__(self, controlnet: SFAControlNet, dtype: torch.dtype):
-        super().__init__()
-        self.controlnet = controlnet
-        self.dtype = dtype
-
-    def forward(self, x: torch.Tensor, hint: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
-                xpsr_lowlevel: torch.Tensor | None = None,
-                transformer_options: dict | None = None) -> dict[str, list[torch.Tensor]]:
-        out = self.controlnet(x, timesteps, context, hint, xpsr_lowlevel, transformer_options=transformer_options)
-        return {"middle": [out.mid_residual], "output": out.down_residuals}
-
-
-def add_previous(own: dict[str, list], previous: dict[str, list] | None) -> dict[str, list]:
+def chain_residuals(own: dict[str, list], previous: dict[str, list] | None) -> dict[str, list]:
     """Residuals of a ControlNet chain: ``own`` plus the previous controls' (ComfyUI's rule), in new lists.
 
     New lists, because the UNet pops the merged lists while ``own`` stays readable for the
@@ -64,20 +39,29 @@ def add_previous(own: dict[str, list], previous: dict[str, list] | None) -> dict
 
 
 class XPSRControlNet(comfy.controlnet.ControlNet):
-    """The XPSR_CONTROLNET type: a ComfyUI ControlNet whose hint is the LR image, stretched with bicubic.
+    """The XPSR_CONTROLNET type: the core ``SFAControlNet`` as a ComfyUI ControlNet whose hint is the LR image,
+    stretched with bicubic.
+
+    ``control_model`` is the SFAControlNet itself: ComfyUI's ModelPatcher loads and offloads
+    the core module (whole, or layer by layer in the low-VRAM modes), and ``get_control``, the
+    one place ComfyUI calls a ControlNet's model, turns its output into ComfyUI's {"middle",
+    "output"} residuals and reads c_l from ``extra_conds``' one key. It computes in
+    ``manual_cast_dtype`` when ComfyUI's ops cast the weights layer by layer (fp8, or a dtype
+    the device cannot compute in), else in ``weight_dtype``, the dtype its weights are stored in.
 
     ``upscale_algorithm`` is bicubic, so nodes that resize or crop the hint themselves
     through ComfyUI's fields (tiled upscalers: ``common_upscale(cond_hint_original, w, h,
     upscale_algorithm, "center")``) get the same hint as sampling the image whole.
     """
 
-    def __init__(self, control_model: ControlModel | None = None, **kwargs):
-        super().__init__(control_model, extra_conds=[LOWLEVEL_KEY], **kwargs)
+    def __init__(self, controlnet: SFAControlNet | None, weight_dtype: torch.dtype, **kwargs):
+        super().__init__(controlnet, extra_conds=[LOWLEVEL_KEY], **kwargs)
+        self.weight_dtype = weight_dtype
         self.upscale_algorithm = "bicubic"
 
     def copy(self) -> XPSRControlNet:
-        c = XPSRControlNet(None, global_average_pooling=self.global_average_pooling, load_device=self.load_device,
-                           manual_cast_dtype=self.manual_cast_dtype)
+        c = XPSRControlNet(None, self.weight_dtype, global_average_pooling=self.global_average_pooling,
+                           load_device=self.load_device, manual_cast_dtype=self.manual_cast_dtype)
         c.control_model = self.control_model
         c.control_model_wrapped = self.control_model_wrapped
         self.copy_to(c)
@@ -100,22 +84,21 @@ class XPSRControlNet(comfy.controlnet.ControlNet):
             previous = self.previous_controlnet.get_control(x_noisy, t, cond, batched_number, transformer_options)
         if not self.active_at(t):
             return previous
-        dtype = self.manual_cast_dtype or self.control_model.dtype
+        dtype = self.manual_cast_dtype or self.weight_dtype
         height, width = x_noisy.shape[-2] * self.compression_ratio, x_noisy.shape[-1] * self.compression_ratio
         if self.cond_hint is None or tuple(self.cond_hint.shape[-2:]) != (height, width):
             self.cond_hint = self.hint_at(height, width).to(device=x_noisy.device, dtype=dtype)
         if x_noisy.shape[0] != self.cond_hint.shape[0]:
             self.cond_hint = comfy.controlnet.broadcast_image_to(self.cond_hint, x_noisy.shape[0], batched_number)
         context = cond.get("crossattn_controlnet", cond["c_crossattn"])
-        extra = self.extra_args.copy()
-        for name in self.extra_conds:
-            if cond.get(name) is not None:
-                extra[name] = comfy.model_base.convert_tensor(cond[name], dtype, x_noisy.device)
+        lowlevel = cond.get(LOWLEVEL_KEY)
+        if lowlevel is not None:
+            lowlevel = comfy.model_base.convert_tensor(lowlevel, dtype, x_noisy.device)
         timestep = self.model_sampling_current.timestep(t)
         x = self.model_sampling_current.calculate_input(t, x_noisy)
-        control = self.control_model(x=x.to(dtype), hint=self.cond_hint, timesteps=timestep.to(dtype),
-                                     context=comfy.model_management.cast_to_device(context, x_noisy.device, dtype),
-                                     transformer_options=transformer_options, **extra)
-        own = self.control_merge(control, None, output_dtype=None)
+        out = self.control_model(x.to(dtype), timestep.to(dtype),
+                                 comfy.model_management.cast_to_device(context, x_noisy.device, dtype),
+                                 self.cond_hint, lowlevel, transformer_options=transformer_options)
+        own = self.control_merge({"middle": [out.mid_residual], "output": out.down_residuals}, None, output_dtype=None)
         transformer_options[RESIDUALS_KEY] = own["output"]
-        return add_previous(own, previous)
+        return chain_residuals(own, previous)

@@ -19,7 +19,7 @@ from ..xpsr_core.errors import CheckpointError
 from ..xpsr_core.models.config import UNetConfig
 from ..xpsr_core.weights.checkpoint import build_models, load_checkpoint
 from .common import FP8_DTYPES, WEIGHT_DTYPE_CHOICES, choose_dtype, register_model_folder
-from .control import ControlModel, XPSRControlNet
+from .control import XPSRControlNet
 
 FOLDER = "xpsr"
 
@@ -113,7 +113,7 @@ def load_xpsr(path: Path, model: comfy.model_patcher.ModelPatcher,
                                            attn_precision=model.model.model_config.unet_config.get("attn_precision"))
     controlnet, attention = build_models(ckpt, attention=attention_function, operations=operations,
                                          device=offload_device, dtype=dtype)
-    control = XPSRControlNet(ControlModel(controlnet, dtype), load_device=load_device, manual_cast_dtype=manual_cast)
+    control = XPSRControlNet(controlnet, dtype, load_device=load_device, manual_cast_dtype=manual_cast)
     attention_patcher = comfy.model_patcher.ModelPatcher(attention, load_device=load_device,
                                                          offload_device=offload_device)
     return control, attention_patcher

@@ -117,7 +117,7 @@ def test_conditional_attention_attends_to_xpsr_own_residuals_whatever_controlnet
     case = parity_fixture().case(CASE)
     own_residuals: list[list[torch.Tensor]] = []
     own = control.control_model.register_forward_hook(
-        lambda module, args, out: own_residuals.append([r.clone() for r in out["output"]]))
+        lambda module, args, out: own_residuals.append([r.clone() for r in out.down_residuals]))
     seen, handle = record_conditional_attention_context(model)
     try:
         alone = evaluate_once(model, *case_inputs(model, control), cfg=1.0)
