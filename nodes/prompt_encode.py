@@ -1,7 +1,9 @@
 """XPSR Dual Prompt Encode: c_h and c_l with SD1.5's CLIP, as standard CONDITIONING.
 
 The low-level embedding rides in each conditioning entry's ``model_conds``, so ComfyUI
-batches it per CFG branch and the usual conditioning nodes can sit in between.
+batches it per CFG branch and the usual conditioning nodes can sit in between. Which prompts
+fill which branch (Eq. 6, paper or released code) is xpsr_core.pipeline.guidance's choice,
+made on the texts, so each distinct prompt list is encoded once.
 """
 
 from __future__ import annotations
@@ -14,15 +16,9 @@ import comfy.conds
 import comfy.sd1_clip
 from comfy_api.latest import io
 
-from ..xpsr_core.pipeline.prompts import (
-    ADDED_PROMPT,
-    LOWLEVEL_CFG_MODES,
-    NEGATIVE_HIGH,
-    NEGATIVE_LOW,
-    high_level_prompt,
-)
-from .common import CATEGORY
-from .control import LOWLEVEL_KEY
+from ..xpsr_core.pipeline.guidance import LOWLEVEL_CFG_MODES, cfg_branches
+from ..xpsr_core.pipeline.prompts import ADDED_PROMPT, NEGATIVE_HIGH, NEGATIVE_LOW, high_level_prompt
+from .common import CATEGORY, LOWLEVEL_KEY
 
 TOKEN_MODES = ("official", "comfy")
 
@@ -123,14 +119,14 @@ class XPSRDualPromptEncode(io.ComfyNode):
         clip, added, mode, cfg_mode = clip[0], added_prompt[0], token_mode[0], lowlevel_cfg[0]
         if mode not in TOKEN_MODES:
             raise ValueError(f"token_mode is {mode!r}; expected one of {TOKEN_MODES}")
-        if cfg_mode not in LOWLEVEL_CFG_MODES:
-            raise ValueError(f"lowlevel_cfg is {cfg_mode!r}; expected one of {LOWLEVEL_CFG_MODES}")
         prompts = {"high_level": high_level, "low_level": low_level, "negative_high": negative_high,
                    "negative_low": negative_low}
         count = max(len(v) for v in prompts.values())
         prompts = {name: per_image(name, values, count) for name, values in prompts.items()}
-        low = encode(clip, [t.strip() for t in prompts["low_level"]], mode)
-        negative_lowlevel = encode(clip, prompts["negative_low"], mode) if cfg_mode == "official" else low
-        positive = with_lowlevel(encode(clip, [high_level_prompt(t, added) for t in prompts["high_level"]], mode), low)
-        negative = with_lowlevel(encode(clip, prompts["negative_high"], mode), negative_lowlevel)
+        branches = cfg_branches(tuple(high_level_prompt(t, added) for t in prompts["high_level"]),
+                                tuple(t.strip() for t in prompts["low_level"]), tuple(prompts["negative_high"]),
+                                tuple(prompts["negative_low"]), cfg_mode)
+        distinct = dict.fromkeys(prompt for branch in branches for prompt in branch)
+        encoded = {prompt: encode(clip, list(prompt), mode) for prompt in distinct}
+        positive, negative = (with_lowlevel(encoded[high], encoded[low]) for high, low in branches)
         return io.NodeOutput(positive, negative)

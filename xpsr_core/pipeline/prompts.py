@@ -9,10 +9,7 @@ NEGATIVE_HIGH = "blurry, dotted, noise, raster lines, unclear, lowres, over-smoo
 """The high-level negative prompt of the official test configuration."""
 
 NEGATIVE_LOW = "high resolution, best quality, clear"
-"""The low-level negative prompt hard-coded in the official pipeline."""
-
-LOWLEVEL_CFG_MODES = ("official", "paper")
-"""official: the negative branch gets NEGATIVE_LOW; paper (Eq. 6): it keeps the low-level prompt."""
+"""The low-level negative prompt hard-coded in the official pipeline (c_neg_l of guidance.cfg_branches)."""
 
 
 def high_level_prompt(caption: str, added_prompt: str) -> str:
