@@ -11,11 +11,16 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 
-from ..xpsr_core.pipeline.schedule import ADDED_NOISE_LEVEL, official_start, official_timesteps
+from ..xpsr_core.pipeline.schedule import (
+    ADDED_NOISE_LEVEL,
+    START_LATENTS,
+    official_timesteps_at_denoise,
+    ve_start_latent,
+)
 
 OFFICIAL_SCHEDULER = "xpsr_official"
 SCHEDULERS = [OFFICIAL_SCHEDULER, *comfy.samplers.KSampler.SCHEDULERS]
-STARTS = ("official", "noise", "img2img")
+STARTS = (*START_LATENTS, "img2img")
 VAE_TILING = ("auto", "on", "off")
 ENCODE_TILE_THRESHOLD = 1088
 """Image side above which the official pipeline's VAE encoder tiles (1024 tile + 2 x 32 padding)."""
@@ -29,9 +34,8 @@ def sampling_sigmas(model: comfy.model_patcher.ModelPatcher, sampler_name: str, 
     if scheduler != OFFICIAL_SCHEDULER:
         return comfy.samplers.KSampler(model, steps, model.load_device, sampler_name, scheduler, denoise,
                                        model_options=model.model_options).sigmas.cpu()
-    total = steps if denoise > 0.9999 else int(steps / denoise)
     sigmas = model.get_model_object("model_sampling").sigmas
-    return torch.cat([sigmas[official_timesteps(total)[-steps:]].cpu(), torch.zeros(1)])
+    return torch.cat([sigmas[official_timesteps_at_denoise(steps, denoise)].cpu(), torch.zeros(1)])
 
 
 def start_latent(model: comfy.model_patcher.ModelPatcher, lr_latent: torch.Tensor, sigmas: torch.Tensor, start: str,
@@ -39,24 +43,18 @@ def start_latent(model: comfy.model_patcher.ModelPatcher, lr_latent: torch.Tenso
     """(latent_image, noise) for ComfyUI's sampler, so that it starts where ``start`` asks.
 
     img2img: ComfyUI's usual LR latent plus noise at the first sigma (KSampler's behaviour).
-    official: the LR latent noised to the first timestep and again to level 800 (the
-    released pipeline); noise: pure Gaussian noise. For these two the start is computed
-    here and handed over with zero noise, so the sampler begins exactly there.
+    official and noise: the start of the released pipeline or pure noise, computed by the
+    core in ComfyUI's sigma space and handed over with zero noise, so the sampler begins
+    exactly there.
     """
     if start == "img2img":
         return lr_latent, comfy.sample.prepare_noise(lr_latent, seed)
     if start not in STARTS:
         raise ValueError(f"start is {start!r}; expected one of {STARTS}")
     latent_format = model.get_model_object("latent_format")
-    model_sampling = model.get_model_object("model_sampling")
-    generator = torch.Generator().manual_seed(seed)
-    sigma = float(sigmas[0])
-    if start == "official":
-        added_alpha = 1 / (1 + float(model_sampling.sigmas[ADDED_NOISE_LEVEL]) ** 2)
-        z = official_start(latent_format.process_in(lr_latent.float()), 1 / (1 + sigma ** 2), added_alpha, generator)
-    else:
-        z = torch.randn(lr_latent.shape, generator=generator)
-    x = z * (1 + sigma ** 2) ** 0.5
+    added_sigma = float(model.get_model_object("model_sampling").sigmas[ADDED_NOISE_LEVEL])
+    x = ve_start_latent(start, latent_format.process_in(lr_latent.float()), float(sigmas[0]), added_sigma,
+                        torch.Generator().manual_seed(seed))
     return latent_format.process_out(x), torch.zeros_like(lr_latent)
 
 

@@ -16,7 +16,7 @@ import comfy.controlnet
 import comfy.model_management
 import comfy.utils
 
-from ..xpsr_core.pipeline.tiling import Box, gaussian_weights, needs_tiling, tile_boxes
+from ..xpsr_core.pipeline.tiling import Box, GaussianBlend, needs_tiling, stack_tiles, tile_boxes
 from .control import XPSRControlNet
 
 
@@ -25,10 +25,6 @@ def full_hint(control: comfy.controlnet.ControlNet, height: int, width: int) -> 
     if isinstance(control, XPSRControlNet):
         return control.hint_at(height, width)
     return comfy.utils.common_upscale(control.cond_hint_original, width, height, control.upscale_algorithm, "center")
-
-
-def tile_area(box: Box) -> tuple:
-    return (..., slice(box.y0, box.y1), slice(box.x0, box.x1))
 
 
 class TiledCondBatch:
@@ -59,7 +55,7 @@ class TiledCondBatch:
         sizes its batches: ``memory_required * 1.5`` below the free memory; at least one."""
         limit = min(tiles, self.max_tiles or tiles)
         rows = sum(c is not None for c in conds) * x_in.shape[0]
-        shape = list(x_in[tile_area(box)].shape[1:])
+        shape = list(x_in[box.slices].shape[1:])
         free = comfy.model_management.get_free_memory(x_in.device)
         for count in range(limit, 1, -1):
             if model.memory_required([count * rows] + shape) * 1.5 < free:
@@ -71,26 +67,19 @@ class TiledCondBatch:
         if not needs_tiling(height, width, self.tile):
             return executor(model, conds, x_in, timestep, model_options)
         boxes = tile_boxes(height, width, self.tile, self.overlap)
-        weights = gaussian_weights(boxes[0].y1 - boxes[0].y0).to(x_in)
-        outputs = [torch.zeros_like(x_in) for _ in conds]
-        total = torch.zeros(x_in.shape[-2:], dtype=x_in.dtype, device=x_in.device)
+        blend = GaussianBlend(x_in, len(conds), boxes[0].y1 - boxes[0].y0)
         per_call = self.tiles_per_call(model, conds, x_in, boxes[0], len(boxes))
         for start in range(0, len(boxes), per_call):
             comfy.model_management.throw_exception_if_processing_interrupted()
             group = tuple(boxes[start:start + per_call])
-            x = torch.cat([x_in[tile_area(box)] for box in group])
             tile_conds = [None if c is None else [self._tile_cond(d, group, x_in.shape[0], height, width) for d in c]
                           for c in conds]
-            results = executor(model, tile_conds, x, timestep.repeat(len(group)), model_options)
-            for out, result in zip(outputs, results, strict=True):
-                for box, tile_result in zip(group, result.chunk(len(group)), strict=True):
-                    out[tile_area(box)] += tile_result * weights
-            for box in group:
-                total[tile_area(box)] += weights
+            blend.add(group, executor(model, tile_conds, stack_tiles(x_in, group), timestep.repeat(len(group)),
+                                      model_options))
             for _ in group:
                 comfy.model_management.throw_exception_if_processing_interrupted()
                 self.on_tile()
-        return [out / total for out in outputs]
+        return blend.result()
 
     def _tile_cond(self, cond: dict, group: tuple[Box, ...], batch: int, height: int, width: int) -> dict:
         if cond.get("control") is None:
@@ -117,7 +106,7 @@ class TiledCondBatch:
                 self._full_hints[hint_key] = full_hint(control, height * ratio, width * ratio)
             hint = self._full_hints[hint_key]
             tiled = control.copy()
-            tiled.cond_hint_original = torch.cat([comfy.utils.repeat_to_batch_size(hint[tile_area(box.scaled(ratio))],
+            tiled.cond_hint_original = torch.cat([comfy.utils.repeat_to_batch_size(hint[box.scaled(ratio).slices],
                                                                                    batch) for box in group])
             tiled.timestep_range = control.timestep_range
             tiled.model_sampling_current = control.model_sampling_current

@@ -12,8 +12,21 @@ from e2e_oracle import assert_image_close, e2e_fixture
 from xpsr_core.pipeline.color import adain_color_fix, color_fix, wavelet_color_fix
 from xpsr_core.pipeline.image import processing_steps, resize, to_rgb, upscale_for_processing
 from xpsr_core.pipeline.prompts import high_level_prompt
-from xpsr_core.pipeline.schedule import noise_to_level, official_start, official_timesteps
-from xpsr_core.pipeline.tiling import gaussian_weights, needs_tiling, tile_boxes
+from xpsr_core.pipeline.schedule import (
+    alpha_cumprod_at,
+    noise_to_level,
+    official_start,
+    official_timesteps,
+    official_timesteps_at_denoise,
+    ve_start_latent,
+    vp_to_ve,
+)
+from xpsr_core.pipeline.tiling import Box, GaussianBlend, gaussian_weights, needs_tiling, stack_tiles, tile_boxes
+
+
+def sd15_alphas_cumprod() -> torch.Tensor:
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0)
 
 
 def test_official_timesteps_use_leading_spacing_with_offset_one():
@@ -22,9 +35,49 @@ def test_official_timesteps_use_leading_spacing_with_offset_one():
     assert official_timesteps(4) == [751, 501, 251, 1]
 
 
+def test_denoise_runs_the_end_of_a_longer_official_schedule_as_ksampler_does():
+    assert official_timesteps_at_denoise(20, 1.0) == list(range(951, 0, -50))
+    assert official_timesteps_at_denoise(20, 0.99995) == list(range(951, 0, -50))
+    assert official_timesteps_at_denoise(10, 0.5) == list(range(451, 0, -50))
+    assert official_timesteps_at_denoise(4, 0.3) == [229, 153, 77, 1]  # int(4 / 0.3) = 13 steps of 76
+    assert official_timesteps_at_denoise(3, 0.7) == [501, 251, 1]
+    with pytest.raises(ValueError, match="steps is 2000; expected 1 to 1000"):
+        official_timesteps_at_denoise(1000, 0.5)
+
+
+def test_comfyui_sigmas_convert_to_the_official_alphas_cumprod_and_vp_latents_to_ve():
+    acp = sd15_alphas_cumprod()
+    sigmas = ((1 - acp) / acp).sqrt()
+    for t in (1, 251, 800, 951):
+        assert alpha_cumprod_at(float(sigmas[t])) == pytest.approx(float(acp[t]), rel=1e-12)
+    x0, noise = torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    vp = noise_to_level(x0, noise, float(acp[501]))
+    torch.testing.assert_close(vp_to_ve(vp, float(sigmas[501])), x0 + sigmas[501] * noise)
+
+
+def test_official_start_in_sigma_space_is_the_vp_start_scaled_as_the_node_scaled_it():
+    acp = sd15_alphas_cumprod()
+    sigmas = ((1 - acp) / acp).sqrt().float()
+    sigma, added_sigma = float(sigmas[951]), float(sigmas[800])
+    lr = torch.randn(2, 4, 8, 8)
+    start = ve_start_latent("official", lr, sigma, added_sigma, torch.Generator().manual_seed(3))
+    before_the_move = official_start(lr, 1 / (1 + sigma ** 2), 1 / (1 + added_sigma ** 2),
+                                     torch.Generator().manual_seed(3)) * (1 + sigma ** 2) ** 0.5
+    assert torch.equal(start, before_the_move)
+    vp = official_start(lr, float(acp[951]), float(acp[800]), torch.Generator().manual_seed(3))
+    torch.testing.assert_close(start / (1 + sigma ** 2) ** 0.5, vp)  # what ComfyUI's calculate_input hands the model
+
+
+def test_noise_start_in_sigma_space_is_unit_noise_scaled_to_the_first_sigma():
+    start = ve_start_latent("noise", torch.zeros(1, 4, 6, 5), 14.6, 5.2, torch.Generator().manual_seed(9))
+    expected = torch.randn(1, 4, 6, 5, generator=torch.Generator().manual_seed(9)) * (1 + 14.6 ** 2) ** 0.5
+    assert torch.equal(start, expected)
+    with pytest.raises(ValueError, match="start is 'img2img'; expected one of"):
+        ve_start_latent("img2img", torch.zeros(1, 4, 6, 5), 14.6, 5.2, torch.Generator())
+
+
 def test_official_start_noises_twice_and_keeps_about_1_7_percent_of_the_lr_latent():
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
-    acp = torch.cumprod(1 - betas, 0)
+    acp = sd15_alphas_cumprod()
     lr = torch.randn(2, 4, 8, 8)
     start = official_start(lr, float(acp[951]), float(acp[800]), torch.Generator().manual_seed(3))
     g = torch.Generator().manual_seed(3)
@@ -94,6 +147,58 @@ def test_gaussian_weights_keep_the_official_asymmetric_centre():
     assert w.sum(1).argmax().item() == 5  # centre T/2 down
     assert torch.allclose(w[:, 4], w[:, 5])  # centre (T-1)/2 across
     assert torch.allclose(w[4], w[6]) and not torch.allclose(w[4], w[5])
+
+
+def test_box_slices_index_the_tile_in_the_last_two_dimensions():
+    x = torch.arange(2 * 3 * 10 * 12.0).reshape(2, 3, 10, 12)
+    box = Box(2, 6, 5, 9)
+    assert torch.equal(x[box.slices], x[:, :, 2:6, 5:9])
+    assert torch.equal(x[0, 0][box.scaled(2).slices], x[0, 0, 4:12, 10:18])
+
+
+def test_stacked_tiles_are_tile_major():
+    x = torch.randn(2, 4, 20, 30)
+    boxes = tile_boxes(20, 30, 16, 4)[:2]
+    stacked = stack_tiles(x, boxes)
+    assert stacked.shape == (4, 4, 16, 16)
+    assert torch.equal(stacked[2 + 1], x[1][boxes[1].slices])  # row i * B + b: image b's tile i
+
+
+def blend_before_the_move(x_in: torch.Tensor, groups: list[tuple], results: list[list[torch.Tensor]]) -> list:
+    """The blending loop TiledCondBatch ran before it moved to the core, written out as the reference."""
+    boxes = groups[0]
+    weights = gaussian_weights(boxes[0].y1 - boxes[0].y0).to(x_in)
+    outputs = [torch.zeros_like(x_in) for _ in results[0]]
+    total = torch.zeros(x_in.shape[-2:], dtype=x_in.dtype, device=x_in.device)
+    for group, group_results in zip(groups, results, strict=True):
+        for out, result in zip(outputs, group_results, strict=True):
+            for box, tile_result in zip(group, result.chunk(len(group)), strict=True):
+                out[..., box.y0:box.y1, box.x0:box.x1] += tile_result * weights
+        for box in group:
+            total[..., box.y0:box.y1, box.x0:box.x1] += weights
+    return [out / total for out in outputs]
+
+
+def test_gaussian_blend_equals_the_node_loop_it_replaces():
+    generator = torch.Generator().manual_seed(4)
+    x_in = torch.randn(2, 4, 40, 30, generator=generator)
+    boxes = tile_boxes(40, 30, 16, 4)
+    groups = [tuple(boxes[i:i + 4]) for i in range(0, len(boxes), 4)]
+    assert len(groups[-1]) < 4
+    results = [[torch.randn(len(g) * 2, 4, 16, 16, generator=generator) for _ in range(2)] for g in groups]
+    blend = GaussianBlend(x_in, 2, 16)
+    for group, group_results in zip(groups, results, strict=True):
+        blend.add(group, group_results)
+    for ours, reference in zip(blend.result(), blend_before_the_move(x_in, groups, results), strict=True):
+        assert torch.equal(ours, reference)
+
+
+def test_gaussian_blend_of_tiles_cut_from_one_latent_gives_that_latent_back():
+    x = torch.randn(1, 4, 50, 37, dtype=torch.float64)
+    boxes = tile_boxes(50, 37, 20, 6)
+    blend = GaussianBlend(x, 1, 20)
+    blend.add(boxes, [stack_tiles(x, boxes)])
+    torch.testing.assert_close(blend.result()[0], x)
 
 
 def test_adain_gives_the_reference_channel_statistics():

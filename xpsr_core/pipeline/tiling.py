@@ -10,6 +10,7 @@ match.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,11 @@ class Box:
 
     def scaled(self, factor: int) -> Box:
         return Box(self.y0 * factor, self.y1 * factor, self.x0 * factor, self.x1 * factor)
+
+    @property
+    def slices(self) -> tuple:
+        """The index of this tile in a tensor (..., H, W): ``x[box.slices]`` is (..., y1 - y0, x1 - x0)."""
+        return (..., slice(self.y0, self.y1), slice(self.x0, self.x1))
 
 
 def needs_tiling(height: int, width: int, tile: int) -> bool:
@@ -59,3 +65,34 @@ def gaussian_weights(size: int) -> torch.Tensor:
         return torch.exp(-(x - midpoint) ** 2 / (size * size) / (2 * var)) / math.sqrt(2 * math.pi * var)
 
     return torch.outer(probs(size / 2), probs((size - 1) / 2))
+
+
+def stack_tiles(x: torch.Tensor, boxes: Sequence[Box]) -> torch.Tensor:
+    """The tiles of ``x`` (B, C, H, W) as one batch (len(boxes) * B, C, t, t), tile-major: row i * B + b is image b's
+    tile i, so one model call denoises them all."""
+    return torch.cat([x[box.slices] for box in boxes])
+
+
+class GaussianBlend:
+    """The official blending of tile predictions: per pixel, sum of weight * prediction over the tiles covering it,
+    divided by the sum of their weights (``gaussian_weights``, so each tile counts most at its centre).
+
+    One running sum per output (e.g. one per CFG branch), all over the same tiles.
+    """
+
+    def __init__(self, like: torch.Tensor, outputs: int, tile: int):
+        self.weights = gaussian_weights(tile).to(like)
+        self.sums = [torch.zeros_like(like) for _ in range(outputs)]
+        self.weight_sum = torch.zeros(like.shape[-2:], dtype=like.dtype, device=like.device)
+
+    def add(self, boxes: Sequence[Box], predictions: Sequence[torch.Tensor]) -> None:
+        """Add one prediction per output, each the boxes' tiles stacked as ``stack_tiles`` stacks them."""
+        for out, stacked in zip(self.sums, predictions, strict=True):
+            for box, prediction in zip(boxes, stacked.chunk(len(boxes)), strict=True):
+                out[box.slices] += prediction * self.weights
+        for box in boxes:
+            self.weight_sum[box.slices] += self.weights
+
+    def result(self) -> list[torch.Tensor]:
+        """The blended outputs, each the shape of ``like``."""
+        return [out / self.weight_sum for out in self.sums]
