@@ -16,7 +16,7 @@ from parity import ParityFixture
 from xpsr_core import ConditionalAttention, ControlNetConfig, SFAControlNet, UNetConfig, load_checkpoint
 from xpsr_core.models import sd15_configs
 from xpsr_core.models.attention import Transformer2D, sdpa_attention
-from xpsr_core.models.controlnet import semantic_fusion
+from xpsr_core.models.semantic_fusion import semantic_fusion
 
 ROOT = Path(__file__).resolve().parents[1]
 

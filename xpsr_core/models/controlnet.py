@@ -1,10 +1,10 @@
 """The SFA-ControlNet: a trainable copy of the SD encoder that reads the LR image and both prompts.
 
-Module and parameter names follow the official checkpoint (diffusers layout), so its state
-dict loads without renaming. Per cross-attention layer the ControlNet holds three
-Transformer2Ds: ``attentions`` (x, c_h), ``attentions_lowlevel`` (x, c_l) and
-``attentions_connect`` (query from the high-level result, keys/values from the low-level
-result's tokens); together they are the paper's semantic-fusion attention.
+It is the shared ``SDEncoder`` with semantic-fusion attention (``semantic_fusion.py``, Eq. 1/2)
+in every cross-attention layer, plus the LR image encoder added to conv_in's output, the zero
+convolutions that make the UNet's residuals, and the degradation-free-constraint heads (Sec.
+3.5). Module and parameter names follow the official checkpoint (diffusers layout), so its
+state dict loads without renaming.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import AttentionFunction, Operations, Transformer2D, feature_map_to_tokens, sdpa_attention
-from .blocks import Downsample2D, ResnetBlock2D, TimestepEmbedding
+from .attention import AttentionFunction, Operations, sdpa_attention
 from .config import ControlNetConfig
+from .encoder import SDEncoder
 
 
 @dataclass
@@ -64,123 +64,18 @@ class LRConditioningEmbedding(nn.Module):
         return self.conv_out(x), rgbs
 
 
-def semantic_fusion(x: torch.Tensor, c_h: torch.Tensor, c_l: torch.Tensor | None, high: Transformer2D,
-                    low: Transformer2D, connect: Transformer2D | None, fusion: str,
-                    transformer_options: dict | None = None) -> torch.Tensor:
-    """Semantic-fusion attention on one feature map.
-
-    parallel (paper Eq. 2, the released model): CA_f(CA_h(x, c_h), CA_l(x, c_l)), the fusion
-    taking its query from the high-level branch and keys/values from the low-level tokens.
-    serial (Eq. 1, the paper's ablation): CA_l(CA_h(x, c_h), c_l).
-    Without a low-level embedding the official code keeps the high-level branch only.
-    ``transformer_options`` go to every attention call (see ``AttentionFunction``).
-    """
-    x_h = high(x, c_h, transformer_options)
-    if c_l is None:
-        return x_h
-    if fusion == "serial":
-        return low(x_h, c_l, transformer_options)
-    return connect(x_h, feature_map_to_tokens(low(x, c_l, transformer_options)), transformer_options)
-
-
-class SFADownBlock(nn.Module):
-    """A ControlNet encoder block; with attention, every layer is resnet then semantic fusion."""
-
-    def __init__(self, in_channels: int, out_channels: int, config: ControlNetConfig, block: int, add_downsample: bool,
-                 *, attention: AttentionFunction, operations: Operations, device: Any, dtype: torch.dtype | None):
-        super().__init__()
-        kw = dict(operations=operations, device=device, dtype=dtype)
-        self.fusion = config.fusion
-        self.resnets = nn.ModuleList([
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, config.time_embed_dim,
-                          groups=config.norm_num_groups, eps=config.norm_eps, **kw)
-            for i in range(config.layers_per_block)
-        ])
-        if config.has_attention(block):
-            self.attentions, self.attentions_lowlevel, self.attentions_connect = _sfa_lists(
-                out_channels, config, config.num_heads[block], config.transformer_layers_per_block[block],
-                config.layers_per_block, attention=attention, **kw)
-        else:
-            self.attentions = None
-        self.downsamplers = nn.ModuleList([Downsample2D(out_channels, **kw)]) if add_downsample else None
-
-    def forward(self, x: torch.Tensor, temb: torch.Tensor, c_h: torch.Tensor, c_l: torch.Tensor | None,
-                transformer_options: dict | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        skips = []
-        for i, resnet in enumerate(self.resnets):
-            x = resnet(x, temb)
-            if self.attentions is not None:
-                connect = self.attentions_connect[i] if self.attentions_connect is not None else None
-                x = semantic_fusion(x, c_h, c_l, self.attentions[i], self.attentions_lowlevel[i], connect, self.fusion,
-                                    transformer_options)
-            skips.append(x)
-        if self.downsamplers is not None:
-            x = self.downsamplers[0](x)
-            skips.append(x)
-        return x, skips
-
-
-class SFAMidBlock(nn.Module):
-    def __init__(self, channels: int, config: ControlNetConfig, *, attention: AttentionFunction,
-                 operations: Operations, device: Any, dtype: torch.dtype | None):
-        super().__init__()
-        kw = dict(operations=operations, device=device, dtype=dtype)
-        self.fusion = config.fusion
-        self.resnets = nn.ModuleList([
-            ResnetBlock2D(channels, channels, config.time_embed_dim, groups=config.norm_num_groups,
-                          eps=config.norm_eps, output_scale_factor=config.mid_block_scale_factor, **kw)
-            for _ in range(2)
-        ])
-        self.attentions, self.attentions_lowlevel, self.attentions_connect = _sfa_lists(
-            channels, config, config.num_heads[-1], config.transformer_layers_per_block[-1], 1,
-            attention=attention, **kw)
-
-    def forward(self, x: torch.Tensor, temb: torch.Tensor, c_h: torch.Tensor, c_l: torch.Tensor | None,
-                transformer_options: dict | None = None) -> torch.Tensor:
-        x = self.resnets[0](x, temb)
-        connect = self.attentions_connect[0] if self.attentions_connect is not None else None
-        x = semantic_fusion(x, c_h, c_l, self.attentions[0], self.attentions_lowlevel[0], connect, self.fusion,
-                            transformer_options)
-        return self.resnets[1](x, temb)
-
-
-def _sfa_lists(channels: int, config: ControlNetConfig, heads: int, depth: int, count: int, *,
-               attention: AttentionFunction, operations: Operations, device: Any, dtype: torch.dtype | None
-               ) -> tuple[nn.ModuleList, nn.ModuleList, nn.ModuleList | None]:
-    """The high-level, low-level and (parallel fusion only) connect attentions of one block."""
-
-    def make(context_dim: int) -> nn.ModuleList:
-        return nn.ModuleList([
-            Transformer2D(channels, context_dim, heads, depth=depth, groups=config.norm_num_groups,
-                          attention=attention, operations=operations, device=device, dtype=dtype)
-            for _ in range(count)
-        ])
-
-    connect = make(channels) if config.fusion == "parallel" else None
-    return make(config.cross_attention_dim), make(config.cross_attention_dim), connect
-
-
-class SFAControlNet(nn.Module):
+class SFAControlNet(SDEncoder):
     """XPSR's ControlNet with semantic-fusion attention and degradation-free-constraint heads."""
 
     def __init__(self, config: ControlNetConfig, *, attention: AttentionFunction = sdpa_attention,
                  operations: Operations = nn, device: Any = None, dtype: torch.dtype | None = None):
-        super().__init__()
-        self.config = config
         kw = dict(operations=operations, device=device, dtype=dtype)
+        super().__init__(config, config.fusion, attention=attention, input_embedding=lambda: LRConditioningEmbedding(
+            config.block_out_channels[0], config.conditioning_channels, config.conditioning_embedding_out_channels,
+            config.return_rgbs, **kw), **kw)
+        self.config = config
         conv = dict(device=device, dtype=dtype)
         ch = config.block_out_channels
-        self.conv_in = operations.Conv2d(config.in_channels, ch[0], 3, padding=1, **conv)
-        self.time_embedding = TimestepEmbedding(ch[0], config.time_embed_dim, config.flip_sin_to_cos, config.freq_shift,
-                                                **kw)
-        self.controlnet_cond_embedding = LRConditioningEmbedding(
-            ch[0], config.conditioning_channels, config.conditioning_embedding_out_channels, config.return_rgbs, **kw)
-        self.down_blocks = nn.ModuleList()
-        c_in = ch[0]
-        for i, c_out in enumerate(ch):
-            self.down_blocks.append(SFADownBlock(c_in, c_out, config, i, i != len(ch) - 1, attention=attention, **kw))
-            c_in = c_out
-        self.mid_block = SFAMidBlock(ch[-1], config, attention=attention, **kw)
         residual_channels = config.residual_channels()
         self.controlnet_down_blocks = nn.ModuleList([operations.Conv2d(c, c, 1, **conv) for c in residual_channels])
         self.controlnet_mid_block = operations.Conv2d(ch[-1], ch[-1], 1, **conv)
@@ -197,19 +92,18 @@ class SFAControlNet(nn.Module):
                 transformer_options: dict | None = None) -> ControlNetOutput:
         """Residuals for a noisy latent.
 
-        ``controlnet_cond`` is the upscaled LR image in [0, 1] at 8x the latent size;
+        sample (B, 4, h, w) noisy latent; encoder_hidden_states c_h and
+        lowlevel_encoder_hidden_states c_l (B, 77, 768); ``controlnet_cond`` (B, 3, 8h, 8w) the
+        upscaled LR image in [0, 1]. The residuals are (B, C_i, h_i, w_i), one per UNet skip
+        (``residual_channels``), and (B, C_mid, h/8, w/8) for the mid block.
         ``return_dfc`` also computes the DFC heads, which only training needs;
         ``transformer_options`` go to every attention call (see ``AttentionFunction``).
         """
         cfg = self.config
         temb = self.time_embedding(timestep, sample)
         cond, rgbs = self.controlnet_cond_embedding(controlnet_cond, return_dfc and cfg.return_rgbs)
-        x = self.conv_in(sample) + cond
-        skips = [x]
-        for block in self.down_blocks:
-            x, block_skips = block(x, temb, encoder_hidden_states, lowlevel_encoder_hidden_states, transformer_options)
-            skips += block_skips
-        x = self.mid_block(x, temb, encoder_hidden_states, lowlevel_encoder_hidden_states, transformer_options)
+        x, skips = self.encode(sample, temb, encoder_hidden_states, lowlevel_encoder_hidden_states, cond,
+                               transformer_options)
 
         residuals = [zero_conv(s) for zero_conv, s in zip(self.controlnet_down_blocks, skips, strict=True)]
         mid = self.controlnet_mid_block(x)

@@ -15,62 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import AttentionFunction, Operations, Transformer2D, sdpa_attention
-from .blocks import Downsample2D, ResnetBlock2D, TimestepEmbedding, Upsample2D
+from .blocks import ResnetBlock2D, Upsample2D
 from .conditional_attention import ConditionalAttention
 from .config import UNetConfig
-
-
-class DownBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, config: UNetConfig, block: int, add_downsample: bool, *,
-                 attention: AttentionFunction, operations: Operations, device: Any, dtype: torch.dtype | None):
-        super().__init__()
-        kw = dict(operations=operations, device=device, dtype=dtype)
-        self.resnets = nn.ModuleList([
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, config.time_embed_dim,
-                          groups=config.norm_num_groups, eps=config.norm_eps, **kw)
-            for i in range(config.layers_per_block)
-        ])
-        self.attentions = nn.ModuleList([
-            Transformer2D(out_channels, config.cross_attention_dim, config.num_heads[block],
-                          depth=config.transformer_layers_per_block[block], groups=config.norm_num_groups,
-                          attention=attention, **kw)
-            for _ in range(config.layers_per_block)
-        ]) if config.has_attention(block) else None
-        self.downsamplers = nn.ModuleList([Downsample2D(out_channels, **kw)]) if add_downsample else None
-
-    def forward(self, x: torch.Tensor, temb: torch.Tensor,
-                context: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        skips = []
-        for i, resnet in enumerate(self.resnets):
-            x = resnet(x, temb)
-            if self.attentions is not None:
-                x = self.attentions[i](x, context)
-            skips.append(x)
-        if self.downsamplers is not None:
-            x = self.downsamplers[0](x)
-            skips.append(x)
-        return x, skips
-
-
-class MidBlock(nn.Module):
-    def __init__(self, channels: int, config: UNetConfig, *, attention: AttentionFunction, operations: Operations,
-                 device: Any, dtype: torch.dtype | None):
-        super().__init__()
-        kw = dict(operations=operations, device=device, dtype=dtype)
-        self.resnets = nn.ModuleList([
-            ResnetBlock2D(channels, channels, config.time_embed_dim, groups=config.norm_num_groups,
-                          eps=config.norm_eps, output_scale_factor=config.mid_block_scale_factor, **kw)
-            for _ in range(2)
-        ])
-        self.attentions = nn.ModuleList([
-            Transformer2D(channels, config.cross_attention_dim, config.num_heads[-1],
-                          depth=config.transformer_layers_per_block[-1], groups=config.norm_num_groups,
-                          attention=attention, **kw)
-        ])
-
-    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = self.resnets[0](x, temb)
-        return self.resnets[1](self.attentions[0](x, context), temb)
+from .encoder import SDEncoder
 
 
 class UpBlock(nn.Module):
@@ -96,25 +44,16 @@ class UpBlock(nn.Module):
                            if block != len(config.up_block_types) - 1 else None)
 
 
-class UNet2DCondition(nn.Module):
+class UNet2DCondition(SDEncoder):
     """The SD UNet; ``forward`` optionally runs XPSR's conditional attention."""
 
     def __init__(self, config: UNetConfig, *, attention: AttentionFunction = sdpa_attention,
                  operations: Operations = nn, device: Any = None, dtype: torch.dtype | None = None):
-        super().__init__()
+        super().__init__(config, None, attention=attention, operations=operations, device=device, dtype=dtype)
         self.config = config
         kw = dict(operations=operations, device=device, dtype=dtype)
         conv = dict(device=device, dtype=dtype)
         ch = config.block_out_channels
-        self.conv_in = operations.Conv2d(config.in_channels, ch[0], 3, padding=1, **conv)
-        self.time_embedding = TimestepEmbedding(ch[0], config.time_embed_dim, config.flip_sin_to_cos, config.freq_shift,
-                                                **kw)
-        self.down_blocks = nn.ModuleList()
-        c_in = ch[0]
-        for i, c_out in enumerate(ch):
-            self.down_blocks.append(DownBlock(c_in, c_out, config, i, i != len(ch) - 1, attention=attention, **kw))
-            c_in = c_out
-        self.mid_block = MidBlock(ch[-1], config, attention=attention, **kw)
         self.up_blocks = nn.ModuleList([
             UpBlock(config, b, attention=attention, **kw) for b in range(len(config.up_block_types))
         ])
@@ -124,16 +63,15 @@ class UNet2DCondition(nn.Module):
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int, encoder_hidden_states: torch.Tensor,
                 down_residuals: list[torch.Tensor] | None = None, mid_residual: torch.Tensor | None = None,
                 conditional_attention: ConditionalAttention | None = None) -> torch.Tensor:
-        """Predicted noise. XPSR passes the ControlNet residuals and its conditional attention."""
+        """Predicted noise (B, 4, h, w). XPSR passes the ControlNet residuals and its conditional attention.
+
+        sample (B, 4, h, w); encoder_hidden_states c_h (B, 77, 768) (the UNet never sees c_l);
+        ``down_residuals`` and ``mid_residual`` as ``SFAControlNet`` returns them.
+        """
         if conditional_attention is not None and down_residuals is None:
             raise ValueError("the conditional attention needs the ControlNet residuals (down_residuals)")
         temb = self.time_embedding(timestep, sample)
-        x = self.conv_in(sample)
-        skips = [x]
-        for block in self.down_blocks:
-            x, block_skips = block(x, temb, encoder_hidden_states)
-            skips += block_skips
-        x = self.mid_block(x, temb, encoder_hidden_states)
+        x, skips = self.encode(sample, temb, encoder_hidden_states)
         if down_residuals is not None:
             skips = [s + r for s, r in zip(skips, down_residuals, strict=True)]
         if mid_residual is not None:
