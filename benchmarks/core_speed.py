@@ -42,37 +42,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from model_setup import randomize  # noqa: E402  (registers the CPU attention's FLOPs)
 
 from xpsr_core.models import sd15_configs  # noqa: E402
 from xpsr_core.models.conditional_attention import ConditionalAttention  # noqa: E402
 from xpsr_core.models.config import ControlNetConfig, UNetConfig  # noqa: E402
 from xpsr_core.models.controlnet import SFAControlNet  # noqa: E402
 from xpsr_core.models.unet import UNet2DCondition  # noqa: E402
-
-try:
-    @register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu)
-    def _cpu_flash_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
-        """PyTorch's counter knows the CUDA attention kernels but not the CPU flash kernel."""
-        return sdpa_flop_count(query, key, value)
-except RuntimeError:  # already registered (benchmarks/run.py imported in the same process)
-    pass
-
-
-def randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Weights drawn the same way for every model: speed depends on values (denormals), so no side may differ."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim > 1:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-            else:
-                p.fill_(1.0 if "norm" in name else 0.0)
-    return module
 
 
 def share_weights(source: torch.nn.Module, target: torch.nn.Module) -> int:

@@ -32,7 +32,8 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
+from model_setup import randomize
+from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parents[1]
 SD15_UNET = {
@@ -43,12 +44,6 @@ SD15_UNET = {
     "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
     "use_temporal_attention": False, "use_temporal_resblock": False,
 }
-
-
-@register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu)
-def _cpu_flash_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
-    """PyTorch's counter knows the CUDA attention kernels but not the CPU flash kernel."""
-    return sdpa_flop_count(query, key, value)
 
 
 def import_comfy(pytorch_attention: bool, vram: str | None = None):
@@ -64,19 +59,6 @@ def import_comfy(pytorch_attention: bool, vram: str | None = None):
 
     asyncio.run(nodes.load_custom_node(str(REPO), ignore=set(nodes.NODE_CLASS_MAPPINGS)))
     return sys.modules[str(REPO).replace(".", "_x_")]
-
-
-def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """The same random weights for every model: ComfyUI's ops leave them uninitialised, and values that differ
-    between the models (or denormals) would bias the timing."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim > 1:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-            else:
-                p.fill_(1.0 if "norm" in name else 0.0)
-    return module
 
 
 def passthrough_override(attention, *args, **kwargs):
