@@ -19,7 +19,7 @@ entry points. diffusers runs its SDPA processor, so both sides use
 ``scaled_dot_product_attention``. FLOPs come from ``FlopCounterMode`` with the attention
 counted, on copies of the models on the meta device: counting costs no time, and there
 SDPA decomposes into the two batched matmuls torch counts, the same count as the formula
-registered below for the CPU flash kernel (torch counts only the CUDA ones). Times are
+registered in model_setup.py for the CPU flash kernel (torch counts only the CUDA ones). Times are
 medians over interleaved repeats within one process (core, stock, core, stock...), after a
 warm-up, since these machines are noisy and a ratio taken in one run cancels most of it.
 The ControlNet's figure is the ControlNet part of the same timed steps. On a CPU shared with
