@@ -4,8 +4,8 @@ XPSR's text attentions, semantic-fusion branches and conditional (pixel) attenti
 all the same module: GroupNorm, 1x1 projection, one or more (self-attention,
 cross-attention, GEGLU feed-forward) blocks, projection back, residual. Only the width
 of the cross-attention context differs. Layers come from an ``operations`` namespace
-(``torch.nn`` by default; ComfyUI passes ``comfy.ops`` so that weights are cast and
-offloaded on the fly) and attention from an injectable function, so ComfyUI's own
+(operations.py's ``default_operations``; ComfyUI passes ``comfy.ops`` so that weights are
+cast and offloaded on the fly) and attention from an injectable function, so ComfyUI's own
 memory-efficient attention can be used.
 """
 
@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .operations import Operations, default_operations
+
 AttentionFunction = Callable[..., torch.Tensor]
 """``attention(q, k, v, heads, transformer_options=...)`` on (B, N, heads*dim) tensors, returning (B, Nq, heads*dim).
 
@@ -26,10 +28,6 @@ The call of ComfyUI's ``optimized_attention``: ``transformer_options`` are the o
 the model call being run (ComfyUI's per-call dict, which carries attention overrides), so a
 host can pick the kernel per call; the SDPA default ignores them.
 """
-
-Operations = Any
-"""A namespace with ``Linear``, ``Conv2d``, ``GroupNorm`` and ``LayerNorm`` (torch.nn or comfy.ops.*)."""
-
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
                    transformer_options: dict | None = None) -> torch.Tensor:
@@ -50,7 +48,7 @@ class Attention(nn.Module):
     """Self- or cross-attention with diffusers' parameter names (to_q, to_k, to_v, to_out.0)."""
 
     def __init__(self, query_dim: int, context_dim: int | None, heads: int, *, attention: AttentionFunction,
-                 operations: Operations = nn, device: Any = None, dtype: torch.dtype | None = None):
+                 operations: Operations = default_operations, device: Any = None, dtype: torch.dtype | None = None):
         super().__init__()
         context_dim = context_dim or query_dim
         self.heads = heads
@@ -69,7 +67,7 @@ class Attention(nn.Module):
 
 
 class GEGLU(nn.Module):
-    def __init__(self, dim: int, inner: int, *, operations: Operations = nn, device: Any = None,
+    def __init__(self, dim: int, inner: int, *, operations: Operations = default_operations, device: Any = None,
                  dtype: torch.dtype | None = None):
         super().__init__()
         self.proj = operations.Linear(dim, inner * 2, device=device, dtype=dtype)
@@ -80,7 +78,7 @@ class GEGLU(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, dim: int, *, operations: Operations = nn, device: Any = None,
+    def __init__(self, dim: int, *, operations: Operations = default_operations, device: Any = None,
                  dtype: torch.dtype | None = None):
         super().__init__()
         # Index 1 is diffusers' dropout (p = 0 in XPSR); it is kept so the keys read net.0 / net.2.
@@ -98,7 +96,7 @@ class FeedForward(nn.Module):
 
 class BasicTransformerBlock(nn.Module):
     def __init__(self, dim: int, context_dim: int, heads: int, *, attention: AttentionFunction,
-                 operations: Operations = nn, device: Any = None, dtype: torch.dtype | None = None):
+                 operations: Operations = default_operations, device: Any = None, dtype: torch.dtype | None = None):
         super().__init__()
         kw = dict(operations=operations, device=device, dtype=dtype)
         self.norm1 = operations.LayerNorm(dim, device=device, dtype=dtype)
@@ -143,8 +141,8 @@ class Transformer2D(Recomputable):
     """diffusers' ``Transformer2DModel`` (continuous input, 1x1-conv projections)."""
 
     def __init__(self, channels: int, context_dim: int, heads: int, *, depth: int = 1, groups: int = 32,
-                 attention: AttentionFunction = sdpa_attention, operations: Operations = nn, device: Any = None,
-                 dtype: torch.dtype | None = None):
+                 attention: AttentionFunction = sdpa_attention, operations: Operations = default_operations,
+                 device: Any = None, dtype: torch.dtype | None = None):
         super().__init__()
         kw = dict(operations=operations, device=device, dtype=dtype)
         self.norm = operations.GroupNorm(groups, channels, eps=1e-6, device=device, dtype=dtype)

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import Operations, Recomputable
+from .attention import Recomputable
+from .operations import Operations, default_operations
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, flip_sin_to_cos: bool = True,
@@ -30,8 +31,8 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, flip_sin_to_cos: bool 
 class TimestepEmbedding(nn.Module):
     """Sinusoidal features of the timestep through a two-layer MLP (diffusers' time_proj + time_embedding)."""
 
-    def __init__(self, in_dim: int, dim: int, flip_sin_to_cos: bool, freq_shift: int, *, operations: Operations = nn,
-                 device: Any = None, dtype: torch.dtype | None = None):
+    def __init__(self, in_dim: int, dim: int, flip_sin_to_cos: bool, freq_shift: int, *,
+                 operations: Operations = default_operations, device: Any = None, dtype: torch.dtype | None = None):
         super().__init__()
         self.in_dim, self.flip_sin_to_cos, self.freq_shift = in_dim, flip_sin_to_cos, freq_shift
         self.linear_1 = operations.Linear(in_dim, dim, device=device, dtype=dtype)
@@ -47,7 +48,7 @@ class TimestepEmbedding(nn.Module):
 
 class ResnetBlock2D(Recomputable):
     def __init__(self, in_channels: int, out_channels: int, temb_channels: int, *, groups: int, eps: float,
-                 output_scale_factor: float = 1.0, operations: Operations = nn, device: Any = None,
+                 output_scale_factor: float = 1.0, operations: Operations = default_operations, device: Any = None,
                  dtype: torch.dtype | None = None):
         super().__init__()
         kw = dict(device=device, dtype=dtype)
@@ -70,7 +71,7 @@ class ResnetBlock2D(Recomputable):
 
 
 class Downsample2D(nn.Module):
-    def __init__(self, channels: int, *, operations: Operations = nn, device: Any = None,
+    def __init__(self, channels: int, *, operations: Operations = default_operations, device: Any = None,
                  dtype: torch.dtype | None = None):
         super().__init__()
         self.conv = operations.Conv2d(channels, channels, 3, stride=2, padding=1, device=device, dtype=dtype)
@@ -80,7 +81,7 @@ class Downsample2D(nn.Module):
 
 
 class Upsample2D(nn.Module):
-    def __init__(self, channels: int, *, operations: Operations = nn, device: Any = None,
+    def __init__(self, channels: int, *, operations: Operations = default_operations, device: Any = None,
                  dtype: torch.dtype | None = None):
         super().__init__()
         self.conv = operations.Conv2d(channels, channels, 3, padding=1, device=device, dtype=dtype)

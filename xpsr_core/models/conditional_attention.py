@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .attention import AttentionFunction, Operations, Transformer2D, feature_map_to_tokens, sdpa_attention
+from .attention import AttentionFunction, Transformer2D, feature_map_to_tokens, sdpa_attention
 from .config import UNetConfig
+from .operations import Operations, default_operations
 
 PIXEL_ATTENTIONS_KEY = ".pixel_attentions."
 """In every key of the conditional attention in an official XPSR UNet state dict (a UNet without it is stock SD)."""
@@ -33,7 +34,7 @@ class ConditionalAttention(nn.Module):
     """All conditional attentions of a UNet, addressed by decoder layer in execution order."""
 
     def __init__(self, config: UNetConfig, *, attention: AttentionFunction = sdpa_attention,
-                 operations: Operations = nn, device: Any = None, dtype: torch.dtype | None = None):
+                 operations: Operations = default_operations, device: Any = None, dtype: torch.dtype | None = None):
         super().__init__()
         self.layers = config.decoder_layers()
         blocks: list[list[Transformer2D]] = [[] for _ in config.up_block_types]

@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import AttentionFunction, Operations, sdpa_attention
+from .attention import AttentionFunction, sdpa_attention
 from .config import ControlNetConfig
 from .encoder import SDEncoder
+from .operations import Operations, default_operations
 
 
 @dataclass
@@ -41,7 +42,7 @@ class LRConditioningEmbedding(nn.Module):
     """The pyramid encoder of the LR image; ``to_rgbs`` are the pixel-space DFC heads."""
 
     def __init__(self, out_channels: int, in_channels: int, channels: tuple[int, ...], return_rgbs: bool, *,
-                 operations: Operations = nn, device: Any = None, dtype: torch.dtype | None = None):
+                 operations: Operations = default_operations, device: Any = None, dtype: torch.dtype | None = None):
         super().__init__()
         kw = dict(device=device, dtype=dtype)
         self.conv_in = operations.Conv2d(in_channels, channels[0], 3, padding=1, **kw)
@@ -68,7 +69,7 @@ class SFAControlNet(SDEncoder):
     """XPSR's ControlNet with semantic-fusion attention and degradation-free-constraint heads."""
 
     def __init__(self, config: ControlNetConfig, *, attention: AttentionFunction = sdpa_attention,
-                 operations: Operations = nn, device: Any = None, dtype: torch.dtype | None = None):
+                 operations: Operations = default_operations, device: Any = None, dtype: torch.dtype | None = None):
         kw = dict(operations=operations, device=device, dtype=dtype)
         super().__init__(config, config.fusion, attention=attention, input_embedding=lambda: LRConditioningEmbedding(
             config.block_out_channels[0], config.conditioning_channels, config.conditioning_embedding_out_channels,

@@ -14,9 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .attention import AttentionFunction, Operations, Transformer2D
+from .attention import AttentionFunction, Transformer2D
 from .blocks import Downsample2D, ResnetBlock2D, TimestepEmbedding
 from .config import UNetShape
+from .operations import Operations
 from .semantic_fusion import semantic_fusion
 
 

@@ -14,11 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import AttentionFunction, Operations, Transformer2D, sdpa_attention
+from .attention import AttentionFunction, Transformer2D, sdpa_attention
 from .blocks import ResnetBlock2D, Upsample2D
 from .conditional_attention import ConditionalAttention
 from .config import UNetConfig
 from .encoder import SDEncoder
+from .operations import Operations, default_operations
 
 
 class UpBlock(nn.Module):
@@ -48,7 +49,7 @@ class UNet2DCondition(SDEncoder):
     """The SD UNet; ``forward`` optionally runs XPSR's conditional attention."""
 
     def __init__(self, config: UNetConfig, *, attention: AttentionFunction = sdpa_attention,
-                 operations: Operations = nn, device: Any = None, dtype: torch.dtype | None = None):
+                 operations: Operations = default_operations, device: Any = None, dtype: torch.dtype | None = None):
         super().__init__(config, None, attention=attention, operations=operations, device=device, dtype=dtype)
         self.config = config
         kw = dict(operations=operations, device=device, dtype=dtype)

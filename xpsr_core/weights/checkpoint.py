@@ -27,10 +27,11 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, first_line
-from ..models.attention import AttentionFunction, Operations, sdpa_attention
+from ..models.attention import AttentionFunction, sdpa_attention
 from ..models.conditional_attention import PIXEL_ATTENTIONS_KEY, ConditionalAttention
 from ..models.config import ControlNetConfig, UNetConfig, read_config_file
 from ..models.controlnet import SFAControlNet
+from ..models.operations import Operations, default_operations
 from ..models.unet import UNet2DCondition
 from .safetensors_io import read_header, write_streaming
 
@@ -299,7 +300,7 @@ def convert_official(folder: str | Path, out: str | Path, dtype: torch.dtype = t
 
 
 def build_models(ckpt: XPSRCheckpoint, *, attention: AttentionFunction = sdpa_attention,
-                 operations: Operations = nn, device: Any = None,
+                 operations: Operations = default_operations, device: Any = None,
                  dtype: torch.dtype | None = None) -> tuple[SFAControlNet, ConditionalAttention]:
     """The ControlNet and the conditional attention with the checkpoint's weights.
 
