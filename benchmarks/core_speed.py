@@ -1,7 +1,7 @@
 """The core models' speed against diffusers' stock SD1.5 UNet + ControlNet, per FLOP.
 
     python benchmarks/core_speed.py [--sizes 32,64] [--repeats 3] [--threads N] [--out benchmarks/results/core]
-                                    [--profile]
+                                    [--core-layers default|torch] [--profile]
 
 XPSR does more work than a stock ControlNet step (three attentions per SFA layer, a
 conditional attention after every decoder layer), so its time alone says nothing about
@@ -22,10 +22,16 @@ SDPA decomposes into the two batched matmuls torch counts, the same count as the
 registered in model_setup.py for the CPU flash kernel (torch counts only the CUDA ones). Times are
 medians over interleaved repeats within one process (core, stock, core, stock...), after a
 warm-up, since these machines are noisy and a ratio taken in one run cancels most of it.
-The ControlNet's figure is the ControlNet part of the same timed steps. On a CPU shared with
-other work, more intra-op threads than free cores make every kernel wait for the
-descheduled threads, which inflates the side with more kernels; ``--threads 1`` measures
-the kernels alone. Results go to results.json and results.md.
+The ControlNet's figure is the ControlNet part of the same timed steps.
+
+The core's linear layers (``default_operations`` in xpsr_core/models/operations.py) run fp32
+CPU inputs through oneDNN, diffusers' through MKL's GEMM, which is the slower of the two on
+AMD CPUs; ``--core-layers torch`` builds the core from torch.nn's layers instead, the same
+kernels as diffusers, so that the ratio shows the implementation's overhead alone.
+
+On a CPU shared with other work, more intra-op threads than free cores make every kernel
+wait for the descheduled threads, which inflates the side with more kernels; ``--threads 1``
+measures the kernels alone. Results go to results.json and results.md.
 """
 
 from __future__ import annotations
@@ -39,9 +45,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,6 +62,7 @@ from xpsr_core.models import sd15_configs  # noqa: E402
 from xpsr_core.models.conditional_attention import ConditionalAttention  # noqa: E402
 from xpsr_core.models.config import ControlNetConfig, UNetConfig  # noqa: E402
 from xpsr_core.models.controlnet import SFAControlNet  # noqa: E402
+from xpsr_core.models.operations import default_operations  # noqa: E402
 from xpsr_core.models.unet import UNet2DCondition  # noqa: E402
 
 
@@ -82,10 +91,17 @@ def _accepted(cls: type, config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k in params}
 
 
-def build_models(device: str | None = None, channels: int = 320) -> Models:
+CORE_LAYERS = {"default": default_operations,
+               "torch": SimpleNamespace(Linear=nn.Linear, Conv2d=nn.Conv2d, GroupNorm=nn.GroupNorm,
+                                        LayerNorm=nn.LayerNorm)}
+"""What ``--core-layers`` builds the core models from."""
+
+
+def build_models(device: str | None = None, channels: int = 320, core_layers: str = "default") -> Models:
     """The core XPSR models and diffusers' stock SD1.5 UNet + ControlNet, fp32, eval mode, with random weights;
     on the meta device (for counting FLOPs, which takes no memory and no time) without weights. ``channels`` is the
-    first level's width (320 is SD1.5; fewer make the same architecture small enough for a smoke run)."""
+    first level's width (320 is SD1.5; fewer make the same architecture small enough for a smoke run);
+    ``core_layers`` names the core's layers in ``CORE_LAYERS``."""
     from diffusers import ControlNetModel, UNet2DConditionModel
     from diffusers.models.attention_processor import AttnProcessor2_0
 
@@ -93,9 +109,11 @@ def build_models(device: str | None = None, channels: int = 320) -> Models:
     with torch.device(device or "cpu"):
         stock_unet = UNet2DConditionModel(**_accepted(UNet2DConditionModel, unet_raw))
         stock_cn = ControlNetModel(**_accepted(ControlNetModel, unet_raw))
-        controlnet = SFAControlNet(ControlNetConfig.from_dict(unet_raw | {"use_lowlevel_prompt": True}))
-        unet = UNet2DCondition(UNetConfig.from_dict(unet_raw))
-        conditional = ConditionalAttention(UNetConfig.from_dict(unet_raw))
+        ops = CORE_LAYERS[core_layers]
+        controlnet = SFAControlNet(ControlNetConfig.from_dict(unet_raw | {"use_lowlevel_prompt": True}),
+                                   operations=ops)
+        unet = UNet2DCondition(UNetConfig.from_dict(unet_raw), operations=ops)
+        conditional = ConditionalAttention(UNetConfig.from_dict(unet_raw), operations=ops)
     for m in (stock_unet, stock_cn):
         m.set_attn_processor(AttnProcessor2_0())
     shared = {}
@@ -261,7 +279,8 @@ def profile(models: Models, latent: int, out: Path, rows: int = 30) -> str:
 
 def markdown(results: dict[str, Any]) -> str:
     lines = [f"torch {results['torch']}, diffusers {results['diffusers']}, {results['threads']} threads, fp32 CPU, "
-             f"batch 2, {results['repeats']} interleaved repeats (median), {results['wall_s']:.0f} s in all.", "",
+             f"batch 2, core layers '{results['core_layers']}', {results['repeats']} interleaved repeats (median), "
+             f"{results['wall_s']:.0f} s in all.", "",
              "| latent | part | time ratio | FLOP ratio | time / FLOP ratio | core GFLOPs | stock GFLOPs | core s | "
              "stock s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results["sizes"]:
@@ -281,6 +300,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, help="torch's intra-op threads (default: torch's choice)")
     parser.add_argument("--channels", type=int, default=320,
                         help="the UNet's first-level channels (SD1.5: 320; e.g. 32 for a quick smoke run)")
+    parser.add_argument("--core-layers", choices=sorted(CORE_LAYERS), default="default",
+                        help="the core's layers: its default (oneDNN linears on CPU) or torch.nn's, as diffusers")
     parser.add_argument("--profile", action="store_true",
                         help="also write torch.profiler tables of one core and one stock step per size")
     args = parser.parse_args()
@@ -290,12 +311,13 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    models = build_models(channels=args.channels)
-    meta = build_models("meta", args.channels)
+    models = build_models(channels=args.channels, core_layers=args.core_layers)
+    meta = build_models("meta", args.channels, args.core_layers)
     check_same_inputs(models, make_inputs(8))
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"torch": torch.__version__, "diffusers": diffusers.__version__,
                                "threads": torch.get_num_threads(), "repeats": args.repeats, "channels": args.channels,
+                               "core_layers": args.core_layers,
                                "shared_tensors": models.shared_tensors, "sizes": []}
     for latent in sizes:
         results["sizes"].append(measure(models, meta, latent, args.repeats))

@@ -17,13 +17,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_core_speed_benchmark_compares_the_core_with_diffusers(tmp_path: Path):
+@pytest.mark.parametrize("core_layers", ["default", "torch"])
+def test_core_speed_benchmark_compares_the_core_with_diffusers(tmp_path: Path, core_layers: str):
     pytest.importorskip("diffusers")
     run = subprocess.run([sys.executable, "benchmarks/core_speed.py", "--sizes", "8", "--repeats", "1",
-                          "--channels", "32", "--threads", "1", "--out", str(tmp_path)],
+                          "--channels", "32", "--threads", "1", "--core-layers", core_layers, "--out", str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
+    assert results["core_layers"] == core_layers
     (row,) = results["sizes"]
     assert row["latent"] == 8
     for part in ("step", "controlnet"):
