@@ -66,21 +66,30 @@ def test_linear_has_nn_linears_parameters_and_keys():
     assert list(ours.state_dict()) == list(reference.state_dict()) == ["weight", "bias"]
 
 
+def test_linear_takes_onednn_for_fp32_cpu_inputs(monkeypatch):
+    calls = []
+    monkeypatch.setattr(operations, "onednn_linear", lambda *args: calls.append(args) or F.linear(*args))
+    layer, _ = _layers()
+    layer(torch.randn(2, 96))
+    assert len(calls) == 1
+
+
 def test_linear_takes_pytorchs_path_outside_fp32_cpu(monkeypatch):
-    """Other dtypes (bf16 already runs through oneDNN; fp64 has no oneDNN kernel) and empty inputs are F.linear's."""
+    """Other dtypes (bf16 already runs through oneDNN; fp64 has no oneDNN kernel), empty inputs and oneDNN switched
+    off are F.linear's."""
     def refuse(*args, **kwargs):
         raise AssertionError("took the oneDNN path")
 
     monkeypatch.setattr(operations, "onednn_linear", refuse)
-    ours, _ = _layers()
     for dtype in (torch.float64, torch.bfloat16):
-        layer = ours.to(dtype)
+        layer = _layers()[0].to(dtype)
         x = torch.randn(2, 7, 96, dtype=dtype)
         assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
-    fp32 = _layers()[0]
-    assert fp32(torch.randn(0, 96)).shape == (0, 80)
-    with pytest.raises(AssertionError, match="oneDNN"):
-        fp32(torch.randn(2, 96))
+    layer = _layers()[0]
+    assert layer(torch.randn(0, 96)).shape == (0, 80)
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    x = torch.randn(2, 96)
+    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
 
 
 def test_core_models_are_built_from_the_default_layers_unless_a_host_passes_its_own():

@@ -43,11 +43,18 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return out.permute(0, 2, 3, 1).reshape(*x.shape[:-1], weight.shape[0])
 
 
+def takes_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``Linear`` runs ``x`` through oneDNN: non-empty fp32 on the CPU, with oneDNN built and not switched
+    off (``torch.backends.mkldnn.flags(enabled=False)`` gives PyTorch's own path back)."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and x.numel() > 0 and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+
+
 class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters and keys) that takes ``onednn_linear`` for non-empty fp32 CPU inputs."""
+    """``nn.Linear`` (same parameters and keys) that takes ``onednn_linear`` where ``takes_onednn``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.dtype == torch.float32 and x.numel():
+        if takes_onednn(x, self.weight):
             return onednn_linear(x, self.weight, self.bias)
         return super().forward(x)
 
