@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import os
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,12 +53,13 @@ def prompt_settings(prompts) -> dict:
 def build_prompt(image: Path, base: dict, xpsr_model: str, sampler: dict, prompts: dict,
                  high_level: str = "", low_level: str = "", mllm: str | None = None,
                  instructions: tuple[str, str] = ("", "")) -> dict:
-    """The API prompt for one image; ``base`` is the node giving MODEL, CLIP and VAE (a checkpoint loader)."""
+    """The API prompt for one image, which LoadImage reads from ComfyUI's input folder (``run_folder`` points that
+    at the image's folder for its run); ``base`` is the node giving MODEL, CLIP and VAE (a checkpoint loader)."""
     prompt = {
         "1": base,
         "2": {"class_type": "XPSRLoader", "inputs": {"model": ["1", 0], "xpsr_model": xpsr_model,
                                                       "weight_dtype": "auto"}},
-        "3": {"class_type": "LoadImage", "inputs": {"image": str(image.resolve())}},
+        "3": {"class_type": "LoadImage", "inputs": {"image": image.name}},
         "6": {"class_type": "XPSRDualPromptEncode", "inputs": {"clip": ["1", 1], "high_level": high_level,
                                                                 "low_level": low_level, **prompts}},
         "7": {"class_type": "XPSRSampler", "inputs": {"model": ["2", 0], "xpsr_controlnet": ["2", 1],
@@ -103,10 +106,9 @@ class HeadlessServer:
 
 
 def headless_executor():
-    """A PromptExecutor without a server; it keeps loaded models and cached outputs between prompts."""
-    import execution
-
-    return execution.PromptExecutor(HeadlessServer(), cache_type=execution.CacheType.CLASSIC)
+    """A PromptExecutor without a server (the pack loaded); it keeps loaded models and cached outputs between
+    prompts."""
+    return importlib.import_module(f"{PACK_MODULE}.nodes.host_compat").prompt_executor(HeadlessServer())
 
 
 def execute(executor, prompt: dict) -> None:
@@ -124,6 +126,23 @@ def execute(executor, prompt: dict) -> None:
         raise RuntimeError(errors[-1] if errors else "the graph failed")
 
 
+@contextlib.contextmanager
+def input_folder(folder: Path) -> Iterator[None]:
+    """ComfyUI's input folder pointed at ``folder`` for a while, as ``main.py --input-directory`` points it.
+
+    LoadImage reads only from the input folder: an absolute path elsewhere validated on 0.3.64
+    but is refused as path traversal by later ComfyUI releases.
+    """
+    import folder_paths
+
+    previous = folder_paths.get_input_directory()
+    folder_paths.set_input_directory(str(folder))
+    try:
+        yield
+    finally:
+        folder_paths.set_input_directory(previous)
+
+
 def upscale_one(executor, image: Path, prompt: dict, output: Path) -> list[Path]:
     """Run one image's prompt and save the XPSR Sampler's image(s); a failure raises with its reason.
 
@@ -131,8 +150,10 @@ def upscale_one(executor, image: Path, prompt: dict, output: Path) -> list[Path]
     resumed run would take for done.
     """
     to_pil = importlib.import_module(f"{PACK_MODULE}.nodes.caption").to_pil
-    execute(executor, prompt)
-    result = executor.caches.outputs.get("7")[0][0]
+    with input_folder(image.parent):
+        execute(executor, prompt)
+    outputs = importlib.import_module(f"{PACK_MODULE}.nodes.host_compat").node_outputs(executor, "7")
+    result = outputs[0][0]
     paths = [output_path(output, image)] if len(result) == 1 else [output / f"{image.stem}_{b}.png"
                                                                    for b in range(len(result))]
     for picture, path in zip(result, paths, strict=True):

@@ -266,18 +266,23 @@ def setup_host() -> None:
 def pack_module(name: str):
     """A module of the pack as ComfyUI imported it (e.g. 'nodes.control')."""
     setup_host()
-    return sys.modules[f"{str(REPO).replace('.', '_x_')}.{name}"]
+    return importlib.import_module(f"{str(REPO).replace('.', '_x_')}.{name}")
 
 
-def run(prompt: dict) -> tuple[execution.PromptExecutor, DummyServer]:
-    """Validate and execute an API-format prompt in a fresh executor."""
+def validate(prompt: dict) -> tuple:
+    """ComfyUI's validation of an API prompt (as the server validates a queued one), asserted to pass."""
     setup_host()
-    prompt_id = str(uuid.uuid4())
-    valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
+    valid = asyncio.run(execution.validate_prompt(str(uuid.uuid4()), prompt, None))
     assert valid[0], valid
+    return valid
+
+
+def run(prompt: dict, valid: tuple | None = None) -> tuple[execution.PromptExecutor, DummyServer]:
+    """Execute an API prompt in a fresh executor, validated first unless ``valid`` is its validation."""
+    valid = valid or validate(prompt)
     server = DummyServer()
-    executor = execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC)
-    asyncio.run(executor.execute_async(prompt, prompt_id, extra_data={}, execute_outputs=valid[2]))
+    executor = pack_module("nodes.host_compat").prompt_executor(server)
+    asyncio.run(executor.execute_async(prompt, str(uuid.uuid4()), extra_data={}, execute_outputs=valid[2]))
     return executor, server
 
 
@@ -289,8 +294,13 @@ def load_script(name: str) -> types.ModuleType:
     return module
 
 
+def outputs(executor: execution.PromptExecutor, node_id: str) -> list:
+    """A node's outputs from the executor's last prompt, one list per output socket."""
+    return pack_module("nodes.host_compat").node_outputs(executor, node_id)
+
+
 def output(executor: execution.PromptExecutor, node_id: str, index: int = 0):
-    return executor.caches.outputs.get(node_id)[index][0]
+    return outputs(executor, node_id)[index][0]
 
 
 def error_message(executor: execution.PromptExecutor) -> str:

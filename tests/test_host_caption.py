@@ -63,8 +63,8 @@ def test_captions_feed_dual_prompt_encode_one_per_image(kind: str):
     if kind == "qwen2_vl" and tiny_vlm.qwen2_vl_unavailable():
         pytest.skip(tiny_vlm.qwen2_vl_unavailable())
     executor, _ = H.run_ok(caption_graph(MODELS[kind], batch=2))
-    high = executor.caches.outputs.get("21")[0]
-    low = executor.caches.outputs.get("21")[1]
+    high = H.outputs(executor, "21")[0]
+    low = H.outputs(executor, "21")[1]
     assert len(high) == len(low) == 2 and all(isinstance(c, str) and c for c in high + low)
     positive = H.output(executor, "3")
     assert positive[0][0].shape[0] == 2
@@ -74,7 +74,7 @@ def test_captions_feed_dual_prompt_encode_one_per_image(kind: str):
 def test_captions_are_deterministic():
     first, _ = H.run_ok(caption_graph(tokens=5))
     again, _ = H.run_ok(caption_graph(tokens=5))
-    assert first.caches.outputs.get("21")[0] == again.caches.outputs.get("21")[0]
+    assert H.outputs(first, "21")[0] == H.outputs(again, "21")[0]
 
 
 @pytest.mark.parametrize("keep_loaded", [False, True])
@@ -243,7 +243,7 @@ def test_remote_code_runs_only_where_the_server_allows_it(llm_folder, monkeypatc
     monkeypatch.setenv("XPSR_ALLOW_REMOTE_CODE", "1")
     executor, _ = H.run_ok(prompt)
     assert marker.exists()
-    assert [len(c) > 0 for c in executor.caches.outputs.get("21")[0] + executor.caches.outputs.get("21")[1]] == [
+    assert [len(c) > 0 for c in H.outputs(executor, "21")[0] + H.outputs(executor, "21")[1]] == [
         True, True]
 
 

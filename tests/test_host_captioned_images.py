@@ -53,7 +53,7 @@ def loader_prompt(dataset: str, **options) -> dict:
 
 def loaded(dataset: str, **options) -> tuple[torch.Tensor, list[str], list[str]]:
     executor, _ = H.run_ok(loader_prompt(dataset, **options))
-    image, high, low = executor.caches.outputs.get("1")
+    image, high, low = H.outputs(executor, "1")
     return image[0], high, low
 
 
@@ -114,14 +114,14 @@ def test_a_caption_file_linked_from_outside_is_refused(tmp_path: Path, dataset: 
 
 
 def test_edited_caption_files_are_read_again(dataset: Path):
-    executor = H.execution.PromptExecutor(H.DummyServer(), cache_type=H.execution.CacheType.CLASSIC)
+    executor = H.pack_module("nodes.host_compat").prompt_executor(H.DummyServer())
     captions = []
     for text in ("first caption", "edited caption"):
         caption_file(dataset, "highlevel_prompt", "b", text)
         prompt = loader_prompt(str(dataset))  # a queued prompt arrives fresh; ComfyUI notes the fingerprint in it
         valid = asyncio.run(H.execution.validate_prompt("p", prompt, None))
         asyncio.run(executor.execute_async(prompt, str(uuid.uuid4()), extra_data={}, execute_outputs=valid[2]))
-        captions.append(executor.caches.outputs.get("1")[1][1])
+        captions.append(H.outputs(executor, "1")[1][1])
     assert captions == ["first caption", "edited caption"]
 
 

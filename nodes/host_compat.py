@@ -1,0 +1,47 @@
+"""What differs between the ComfyUI versions the pack supports (0.3.64, October 2025, to 0.33.0, August 2026).
+
+Each difference is decided by a feature check on the running ComfyUI (an attribute, a
+signature), never by its version string, and names the release (or PR) that brought it.
+The rest of the pack calls these functions instead of checking for itself.
+
+Internals the pack still relies on, for want of a public entry point in ``comfy_api``:
+``execution.PromptExecutor`` (the batch command, the benchmarks and the tests run graphs
+headless, as ``main.py`` does), ``comfy.model_patcher`` (XPSR's parts are models ComfyUI
+loads, offloads and clones like its own), ``comfy.controlnet.ControlNet`` (the XPSR
+ControlNet is one, so ComfyUI's samplers batch and schedule it), ``comfy.ops`` (the layers
+ComfyUI casts, offloads and streams) and ``comfy.ldm.modules.attention`` (attention
+selection and overrides).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+
+import execution
+
+
+def prompt_executor(server) -> execution.PromptExecutor:
+    """ComfyUI's executor with the classic cache (outputs kept while their inputs stay), as ``--cache-classic``.
+
+    Since PR #10454 (RAM-pressure caching, after 0.3.64) it takes ``cache_args`` instead of
+    ``cache_size``, and later releases read ``cache_args["ram"]`` on every prompt: the values
+    are the ones ``main.py`` passes for the classic cache.
+    """
+    if "cache_args" in inspect.signature(execution.PromptExecutor).parameters:
+        return execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC,
+                                        cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
+    return execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC)
+
+
+def node_outputs(executor: execution.PromptExecutor, node_id: str) -> list | None:
+    """What a node of the executor's last prompt gave, one list per output (None if it did not run).
+
+    The output cache's ``get`` was a plain method returning those lists on 0.3.64; by 0.33.0 it
+    is a coroutine returning a ``CacheEntry(ui, outputs)``.
+    """
+    cache = executor.caches.outputs
+    if not inspect.iscoroutinefunction(cache.get):
+        return cache.get(node_id)
+    entry = asyncio.run(cache.get(node_id))
+    return None if entry is None else entry.outputs
