@@ -27,8 +27,10 @@ register_model_folder(FOLDER, {".safetensors"})
 
 
 def _official_folders(base: Path, depth: int = 3) -> list[str]:
+    """Official checkpoint folders under ``base``, through symlinks as ComfyUI lists model files (the depth bounds
+    a link loop)."""
     found = []
-    for root, dirs, _ in os.walk(base):
+    for root, dirs, _ in os.walk(base, followlinks=True):
         rel = Path(root).relative_to(base)
         if {"controlnet", "unet"} <= set(dirs) and rel.parts:
             found.append(rel.as_posix())
