@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import shutil
 
 import pytest
@@ -115,7 +116,15 @@ def test_a_truncated_file_is_refused():
 
 
 def test_a_model_file_that_is_gone_is_named_in_the_error():
+    """Listed when the prompt was validated, gone when it runs (hosts that validate combo values refuse a name
+    that is no longer listed before this)."""
+    target = xpsr_folder_file("xpsr_gone.safetensors")
+    shutil.copyfile(H.folder_paths.get_full_path("xpsr", H.XPSR_FILE), target)
     prompt = H.graph(seed=7)
-    prompt["2"]["inputs"]["xpsr_model"] = "missing.safetensors"
-    fails_with(prompt, "XPSR model 'missing.safetensors' not found")
+    prompt["2"]["inputs"]["xpsr_model"] = "xpsr_gone.safetensors"
+    valid = H.validate(prompt)
+    os.remove(target)
+    executor, _ = H.run(prompt, valid)
+    assert not executor.success
+    assert "XPSR model 'xpsr_gone.safetensors' not found" in H.error_message(executor)
     still_serving()

@@ -12,6 +12,7 @@ import comfy_host as H  # skips this module without COMFYUI_PATH
 
 import comfy.model_management as mm
 import comfy.utils
+import latent_preview
 
 import graph_references as R
 
@@ -200,6 +201,8 @@ def test_latent_previews_are_sent_with_progress(monkeypatch):
     from comfy.cli_args import LatentPreviewMethod
 
     monkeypatch.setattr(H.args, "preview_method", LatentPreviewMethod.Latent2RGB)
+    # later hosts set the method again at every prompt, from the prompt's extra data or this default
+    monkeypatch.setattr(latent_preview, "default_preview_method", LatentPreviewMethod.Latent2RGB, raising=False)
     previews = []
     comfy.utils.set_progress_bar_global_hook(
         lambda value, total, preview, node_id=None: previews.append(preview))
