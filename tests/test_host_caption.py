@@ -6,6 +6,7 @@ On a shared server a queued workflow reaches only the dataset folders and the mo
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -247,11 +248,17 @@ def test_remote_code_runs_only_where_the_server_allows_it(llm_folder, monkeypatc
         True, True]
 
 
-def test_missing_model_folder_is_a_clear_error():
+def test_missing_model_folder_is_a_clear_error(llm_folder):
+    """Listed when the prompt was validated, gone when it runs (hosts that validate combo values refuse a name
+    that is no longer listed before this)."""
+    gone = llm_folder / "gone" / "model"
+    shutil.copytree(llm_folder / MODELS["llava"], gone)
     prompt = caption_graph()
-    prompt["20"]["inputs"]["model"] = "nowhere/model"
-    executor, _ = H.run(prompt)
-    assert not executor.success and "MLLM folder 'nowhere/model' not found" in H.error_message(executor)
+    prompt["20"]["inputs"]["model"] = "gone/model"
+    valid = H.validate(prompt)
+    shutil.rmtree(gone.parent)
+    executor, _ = H.run(prompt, valid)
+    assert not executor.success and "MLLM folder 'gone/model' not found" in H.error_message(executor)
 
 
 def test_out_of_memory_halves_the_batch_then_is_reported_with_what_to_try(monkeypatch):

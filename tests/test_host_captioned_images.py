@@ -58,8 +58,9 @@ def loaded(dataset: str, **options) -> tuple[torch.Tensor, list[str], list[str]]
 
 
 def load_image_node(path: Path) -> torch.Tensor:
-    """ComfyUI's own Load Image on the same file."""
-    return H.nodes.LoadImage().load_image(str(path))[0]
+    """ComfyUI's own Load Image on the same file (under ComfyUI's output folder, as the datasets here are)."""
+    name = path.relative_to(H.folder_paths.get_output_directory()).as_posix()
+    return H.nodes.LoadImage().load_image(f"{name} [output]")[0]
 
 
 def test_captions_follow_the_official_reading_rule_one_per_image(dataset: Path):
