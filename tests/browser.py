@@ -8,6 +8,7 @@ thumbnails (render_workflow_thumbnails.py).
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import shutil
@@ -26,9 +27,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-# No first-run dialogs; no minimap over the screenshots.
+# No first-run dialogs; no minimap over the screenshots; workflows checked against the frontend's schema, as
+# frontend 1.27 does by default (later frontends only where this setting is on).
 SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Workflow.ShowMissingModelsWarning": False,
-            "Comfy.Minimap.Visible": False}
+            "Comfy.Minimap.Visible": False, "Comfy.Validation.Workflows": True}
 SPY = """app.registerExtension({name: 'xpsr.test.missingSpy', async afterConfigureGraph(missing) {
     window.__missing = JSON.parse(JSON.stringify(missing || [])); }});"""
 # Records every toast as it appears: PrimeVue's (frontend 1.27) and reka-ui's (newer frontends).
@@ -73,6 +75,19 @@ FIT_VIEW = """() => {
     c.ds.offset = [left / scale - x0, top / scale - y0];
     c.setDirty(true, true);
 }"""
+
+
+def frontend_version(front_end_root: Path | None = None) -> str:
+    """The version of the frontend a server serves: the comfyui-frontend-package installed beside ComfyUI, or the
+    unzipped package whose ``static`` build ``front_end_root`` is."""
+    if front_end_root is None:
+        return importlib.metadata.version("comfyui-frontend-package")
+    package = Path(front_end_root).parent
+    info = next(package.parent.glob(f"{package.name}-*.dist-info"), None)
+    if info is None:
+        raise FileNotFoundError(f"no {package.name}-*.dist-info beside {package}: expected the unzipped "
+                                "comfyui-frontend-package wheel")
+    return importlib.metadata.PathDistribution(info).version
 
 
 def unavailable() -> str | None:

@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 import browser
-from test_browser_workflows import CLEAN, MODEL_FILES, OFFLINE_HOST
+from test_browser_workflows import CLEAN, MODEL_FILES, host_problems
 
 ZOOM = 1.0
 # Around the graph, in CSS pixels: the canvas shown beyond it in the window (left, top, right, bottom) and the
@@ -116,7 +116,7 @@ def main(paths: list[Path]) -> None:
     workflows = [json.loads(p.read_text()) for p in paths]
     with tempfile.TemporaryDirectory(prefix="comfy_base_") as base, \
             browser.comfy_server(Path(base), model_files=MODEL_FILES, settings=HIDDEN) as url, \
-            browser.chromium_page(url, OFFLINE_HOST) as frontend:
+            browser.chromium_page(url, host_problems(url)) as frontend:
         for path, workflow in zip(paths, workflows, strict=True):
             result = render(frontend, workflow, path.with_suffix(".jpg"))
             print(f"{path.with_suffix('.jpg')}: zoom {result['zoom']}, "
