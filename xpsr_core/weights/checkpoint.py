@@ -299,23 +299,41 @@ def convert_official(folder: str | Path, out: str | Path, dtype: torch.dtype = t
     return write_streaming(out, entries, fetch, single_file_metadata(ckpt.controlnet_config, ckpt.unet_config))
 
 
-def build_models(ckpt: XPSRCheckpoint, *, attention: AttentionFunction = sdpa_attention,
-                 operations: Operations = default_operations, device: Any = None,
-                 dtype: torch.dtype | None = None) -> tuple[SFAControlNet, ConditionalAttention]:
-    """The ControlNet and the conditional attention with the checkpoint's weights.
+def _with_weights(factory: Callable[[], nn.Module], state: dict[str, torch.Tensor], device: Any,
+                  dtype: torch.dtype | None) -> nn.Module:
+    """``factory()``'s module built on the meta device, with ``state`` (cast) as its parameters.
 
-    Modules are built on the meta device and take the (cast) tensors as their parameters,
-    so no memory is spent on an initialisation that is thrown away. Each tensor gets an
+    No memory is spent on an initialisation that is thrown away. Each tensor gets an
     allocation of its own: a tensor read from a safetensors file is a view into the file's
     buffer at an offset the header decides, and CPU kernels take other paths (with other
     rounding) on such unaligned weights than on the same weights freshly allocated.
     """
-    def load(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-        state = {k: v.to(device=device, dtype=dtype, copy=True) for k, v in state.items()}
-        module.load_state_dict(state, strict=True, assign=True)
-        return module
-
     with torch.device("meta"):
-        controlnet = SFAControlNet(ckpt.controlnet_config, attention=attention, operations=operations)
-        conditional = ConditionalAttention(ckpt.unet_config, attention=attention, operations=operations)
-    return load(controlnet, ckpt.controlnet), load(conditional, ckpt.conditional_attention)
+        module = factory()
+    state = {k: v.to(device=device, dtype=dtype, copy=True) for k, v in state.items()}
+    module.load_state_dict(state, strict=True, assign=True)
+    return module
+
+
+def build_controlnet(ckpt: XPSRCheckpoint, *, attention: AttentionFunction = sdpa_attention,
+                     operations: Operations = default_operations, device: Any = None,
+                     dtype: torch.dtype | None = None) -> SFAControlNet:
+    """The SFA-ControlNet with the checkpoint's weights."""
+    return _with_weights(lambda: SFAControlNet(ckpt.controlnet_config, attention=attention, operations=operations),
+                         ckpt.controlnet, device, dtype)
+
+
+def build_conditional_attention(ckpt: XPSRCheckpoint, *, attention: AttentionFunction = sdpa_attention,
+                                operations: Operations = default_operations, device: Any = None,
+                                dtype: torch.dtype | None = None) -> ConditionalAttention:
+    """The UNet's conditional attention with the checkpoint's weights."""
+    return _with_weights(lambda: ConditionalAttention(ckpt.unet_config, attention=attention, operations=operations),
+                         ckpt.conditional_attention, device, dtype)
+
+
+def build_models(ckpt: XPSRCheckpoint, *, attention: AttentionFunction = sdpa_attention,
+                 operations: Operations = default_operations, device: Any = None,
+                 dtype: torch.dtype | None = None) -> tuple[SFAControlNet, ConditionalAttention]:
+    """The ControlNet and the conditional attention with the checkpoint's weights."""
+    settings = {"attention": attention, "operations": operations, "device": device, "dtype": dtype}
+    return build_controlnet(ckpt, **settings), build_conditional_attention(ckpt, **settings)
