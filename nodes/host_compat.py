@@ -18,6 +18,11 @@ from __future__ import annotations
 import asyncio
 import inspect
 
+import torch
+
+import comfy.controlnet
+import comfy.model_patcher
+import comfy.patcher_extension
 import execution
 
 
@@ -45,3 +50,30 @@ def node_outputs(executor: execution.PromptExecutor, node_id: str) -> list | Non
         return cache.get(node_id)
     entry = asyncio.run(cache.get(node_id))
     return None if entry is None else entry.outputs
+
+
+def core_model_patcher() -> type[comfy.model_patcher.ModelPatcher]:
+    """The patcher class ComfyUI holds its own models in (the UNet, the core ControlNet).
+
+    Since 0.16.0 (PR #12658, dynamic VRAM) that is ``CoreModelPatcher``, which ``main.py``
+    rebinds to the streaming ``ModelPatcherDynamic`` where dynamic VRAM is on; looked up at
+    each call for that reason. Before, every model was a ``ModelPatcher``.
+    """
+    return getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+
+
+def multigpu_clone_callbacks() -> list[str]:
+    """The callbacks ComfyUI calls with (MODEL, its clone for another GPU) when it makes one.
+
+    Since 0.24.0 (PR #7063, multi-GPU) ``deepclone_multigpu`` and ``match_multigpu_clones``
+    make those clones; before there were none, and nothing to follow.
+    """
+    return [getattr(comfy.patcher_extension.CallbacksMP, name)
+            for name in ("ON_DEEPCLONE_MULTIGPU", "ON_MATCH_MULTIGPU_CLONES")
+            if hasattr(comfy.patcher_extension.CallbacksMP, name)]
+
+
+def device_clones(control: comfy.controlnet.ControlBase) -> dict[torch.device, comfy.controlnet.ControlBase]:
+    """A control's clones for other GPUs, by device (0.24.0, PR #7063: ``multigpu_clones``); none before."""
+    return getattr(control, "multigpu_clones", {})
+

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,9 +18,15 @@ import folder_paths
 
 from ..xpsr_core.errors import CheckpointError
 from ..xpsr_core.models.config import UNetConfig
-from ..xpsr_core.weights.checkpoint import build_models, load_checkpoint
+from ..xpsr_core.weights.checkpoint import (
+    XPSRCheckpoint,
+    build_conditional_attention,
+    build_controlnet,
+    load_checkpoint,
+)
 from .common import FP8_DTYPES, WEIGHT_DTYPE_CHOICES, choose_dtype, register_model_folder
 from .control import XPSRControlNet
+from .host_compat import core_model_patcher
 
 FOLDER = "xpsr"
 
@@ -90,32 +97,70 @@ def host_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int
                                                            transformer_options=transformer_options)
 
 
-def load_xpsr(path: Path, model: comfy.model_patcher.ModelPatcher,
-              weight_dtype: str) -> tuple[XPSRControlNet, comfy.model_patcher.ModelPatcher]:
-    """The ControlNet and the conditional attention, built with ComfyUI's ops on its offload device.
+@dataclass(frozen=True)
+class LayerSettings:
+    """How XPSR's layers are built beside a given MODEL: weight storage, compute dtype, attention precision."""
 
-    fp8 weights are stored in fp8 and computed in the MODEL's compute dtype (ComfyUI's
-    manual-cast ops cast each layer's weights as it runs); their attentions take the
-    MODEL's attn_precision, as its own attentions do.
-    """
+    dtype: torch.dtype
+    manual_cast_dtype: torch.dtype | None
+    attn_precision: torch.dtype | None
+
+    @classmethod
+    def beside(cls, model: comfy.model_patcher.ModelPatcher, weight_dtype: str) -> LayerSettings:
+        """fp8 weights are stored in fp8 and computed in the MODEL's compute dtype (ComfyUI's manual-cast ops cast
+        each layer's weights as it runs); the attentions take the MODEL's attn_precision, as its own do."""
+        dtype = choose_dtype("weight_dtype", weight_dtype, model.model_dtype(), WEIGHT_DTYPE_CHOICES)
+        if dtype in FP8_DTYPES:
+            manual_cast = model.model.manual_cast_dtype or model.model_dtype()
+        else:
+            manual_cast = comfy.model_management.unet_manual_cast(dtype, comfy.model_management.get_torch_device())
+        return cls(dtype, manual_cast, model.model.model_config.unet_config.get("attn_precision"))
+
+    def build_arguments(self) -> dict:
+        """The core builders' arguments: ComfyUI's ops and attention, on ComfyUI's offload device."""
+        operations = comfy.ops.pick_operations(self.dtype, self.manual_cast_dtype,
+                                               load_device=comfy.model_management.get_torch_device())
+        return {"attention": functools.partial(host_attention, attn_precision=self.attn_precision),
+                "operations": operations, "device": comfy.model_management.unet_offload_device(),
+                "dtype": self.dtype}
+
+
+def read_checkpoint(path: Path) -> XPSRCheckpoint:
     try:
-        ckpt = load_checkpoint(path)
+        return load_checkpoint(path)
     except CheckpointError as e:
         raise ValueError(str(e)) from e
+
+
+def conditional_attention_patcher(path: str, ckpt: XPSRCheckpoint, settings: LayerSettings,
+                                  disable_dynamic: bool = False) -> comfy.model_patcher.ModelPatcher:
+    """The conditional attention of ``ckpt`` (read from ``path``) in the patcher ComfyUI holds its own models in
+    (a plain ModelPatcher where ``disable_dynamic`` asks for one, as ComfyUI's loaders do).
+
+    Its ``cached_patcher_init`` re-reads the file: ComfyUI (0.24 and later) calls it when it
+    needs a copy of the model's own, one per GPU or one without dynamic VRAM.
+    """
+    patcher = comfy.model_patcher.ModelPatcher if disable_dynamic else core_model_patcher()
+    attention = patcher(build_conditional_attention(ckpt, **settings.build_arguments()),
+                        load_device=comfy.model_management.get_torch_device(),
+                        offload_device=comfy.model_management.unet_offload_device())
+    attention.cached_patcher_init = (reload_conditional_attention, (path, settings))
+    return attention
+
+
+def reload_conditional_attention(path: str, settings: LayerSettings,
+                                 disable_dynamic: bool = False) -> comfy.model_patcher.ModelPatcher:
+    return conditional_attention_patcher(path, read_checkpoint(Path(path)), settings, disable_dynamic)
+
+
+def load_xpsr(path: Path, model: comfy.model_patcher.ModelPatcher,
+              weight_dtype: str) -> tuple[XPSRControlNet, comfy.model_patcher.ModelPatcher]:
+    """The ControlNet and the conditional attention, built with ComfyUI's ops on its offload device, each held by
+    the patcher ComfyUI holds its own models in (so dynamic VRAM streams them as it streams the UNet)."""
+    ckpt = read_checkpoint(path)
     check_base_model(model, ckpt.unet_config, path.name)
-    dtype = choose_dtype("weight_dtype", weight_dtype, model.model_dtype(), WEIGHT_DTYPE_CHOICES)
-    load_device = comfy.model_management.get_torch_device()
-    offload_device = comfy.model_management.unet_offload_device()
-    if dtype in FP8_DTYPES:
-        manual_cast = model.model.manual_cast_dtype or model.model_dtype()
-    else:
-        manual_cast = comfy.model_management.unet_manual_cast(dtype, load_device)
-    operations = comfy.ops.pick_operations(dtype, manual_cast, load_device=load_device)
-    attention_function = functools.partial(host_attention,
-                                           attn_precision=model.model.model_config.unet_config.get("attn_precision"))
-    controlnet, attention = build_models(ckpt, attention=attention_function, operations=operations,
-                                         device=offload_device, dtype=dtype)
-    control = XPSRControlNet(controlnet, dtype, load_device=load_device, manual_cast_dtype=manual_cast)
-    attention_patcher = comfy.model_patcher.ModelPatcher(attention, load_device=load_device,
-                                                         offload_device=offload_device)
-    return control, attention_patcher
+    settings = LayerSettings.beside(model, weight_dtype)
+    control = XPSRControlNet(build_controlnet(ckpt, **settings.build_arguments()), settings.dtype,
+                             load_device=comfy.model_management.get_torch_device(),
+                             manual_cast_dtype=settings.manual_cast_dtype)
+    return control, conditional_attention_patcher(str(path), ckpt, settings)

@@ -18,6 +18,7 @@ import comfy.utils
 
 from ..xpsr_core.pipeline.tiling import Box, GaussianBlend, needs_tiling, stack_tiles, tile_boxes
 from .control import XPSRControlNet
+from .host_compat import device_clones
 
 
 def full_hint(control: comfy.controlnet.ControlNet, height: int, width: int) -> torch.Tensor:
@@ -91,7 +92,8 @@ class TiledCondBatch:
 
     def _tile_control(self, control: comfy.controlnet.ControlBase, group: tuple[Box, ...], batch: int, height: int,
                       width: int) -> comfy.controlnet.ControlBase:
-        """A copy of ``control`` (and its chain) whose hint is the group's tiles cropped from the full-size hint.
+        """A copy of ``control`` (and its chain, and its clones for other GPUs) whose hint is the group's tiles
+        cropped from the full-size hint.
 
         The crops are stacked like the latent tiles: each repeated to the latent's batch, tile-major.
         """
@@ -113,5 +115,9 @@ class TiledCondBatch:
             if control.previous_controlnet is not None:
                 tiled.set_previous_controlnet(self._tile_control(control.previous_controlnet, group, batch, height,
                                                                  width))
+            clones = device_clones(control)
+            if clones:
+                tiled.multigpu_clones = {device: self._tile_control(clone, group, batch, height, width)
+                                         for device, clone in clones.items()}
             self._tiled_controls[key] = tiled
         return self._tiled_controls[key]
