@@ -87,8 +87,12 @@ def comfy_unet_config(diffusers_config) -> dict:
     }
 
 
-def make_model(checkpoint: Path | None = None) -> comfy.model_patcher.ModelPatcher:
-    """ComfyUI's SD1.5 MODEL in fp32 with the stock weights of an official checkpoint's UNet (the parity fixture's)."""
+def make_model(checkpoint: Path | None = None, disable_dynamic: bool = False) -> comfy.model_patcher.ModelPatcher:
+    """ComfyUI's SD1.5 MODEL in fp32 with the stock weights of an official checkpoint's UNet (the parity fixture's).
+
+    It registers itself as the MODEL's ``cached_patcher_init``, as ComfyUI's loaders do, so ComfyUI can make the
+    MODEL a copy of its own (for another GPU); the CPU has no dynamic VRAM to disable.
+    """
     checkpoint = checkpoint or parity_fixture().checkpoint
     unet_config = comfy_unet_config(load_official(checkpoint).unet_config)
     config = comfy.supported_models.SD15(unet_config)
@@ -101,8 +105,29 @@ def make_model(checkpoint: Path | None = None) -> comfy.model_patcher.ModelPatch
              if diffusers_key in weights}
     missing, unexpected = base.diffusion_model.load_state_dict(state, strict=False)
     assert not missing and not unexpected, (missing, unexpected)
-    return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
-                                            offload_device=mm.unet_offload_device())
+    model = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
+                                             offload_device=mm.unet_offload_device())
+    model.cached_patcher_init = (make_model, (checkpoint,))
+    return model
+
+
+def clone_for_another_device(model: comfy.model_patcher.ModelPatcher,
+                             device: torch.device) -> comfy.model_patcher.ModelPatcher:
+    """``model`` set up as ComfyUI's multi-GPU support (comfy.multigpu.create_multigpu_deepclones) sets it up for one
+    extra device, ``device``: a deep clone of the MODEL for that device, flagged and matched as its own does.
+
+    On the CPU the clone's device is the main device too, so ComfyUI's multi-GPU sampling runs
+    every model call on the clone: what the clone computes can be compared with the MODEL.
+    """
+    import comfy.multigpu  # ComfyUI 0.24 and later
+
+    model = model.clone()
+    device_clone = model.deepclone_multigpu(new_load_device=device)
+    device_clone.is_multigpu_base_clone = True
+    model.set_additional_models("multigpu", [device_clone])
+    model.match_multigpu_clones()
+    comfy.multigpu.GPUOptionsGroup().register(model)
+    return model
 
 
 def make_clip(width: int = 32) -> comfy.sd.CLIP:
@@ -204,10 +229,21 @@ TEST_PACK = textwrap.dedent('''
         def execute(cls, text):
             return io.NodeOutput(text.split("|"))
 
+    class XPSRTestCloneForCPU(io.ComfyNode):
+        @classmethod
+        def define_schema(cls):
+            return io.Schema(node_id="XPSRTestCloneForCPU", category="testing", inputs=[io.Model.Input("model")],
+                             outputs=[io.Model.Output()])
+
+        @classmethod
+        def execute(cls, model):
+            import torch
+            return io.NodeOutput(comfy_host.clone_for_another_device(model, torch.device("cpu")))
+
     class _Ext(ComfyExtension):
         @override
         async def get_node_list(self):
-            return [XPSRTestTinySD15, XPSRTestDiffusersSD15, XPSRTestImage, XPSRTestLines]
+            return [XPSRTestTinySD15, XPSRTestDiffusersSD15, XPSRTestImage, XPSRTestLines, XPSRTestCloneForCPU]
 
     async def comfy_entrypoint():
         return _Ext()

