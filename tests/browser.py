@@ -340,3 +340,23 @@ def prompt_labels(page) -> dict[str, str | None]:
             return [w.name, label && label.offsetHeight > 0 ? label.textContent : null];
         }));
     }""")
+
+
+def place_from_node_library(frontend: FrontendPage, name: str) -> dict:
+    """Search the node library for ``name`` and drag the entry onto the canvas, as a user adds a node; report
+    the nodes then on the canvas (type, title, whether a subgraph, widget names) and what went wrong."""
+    page = frontend.page
+    take_toasts(page)
+    frontend.problems.take()
+    library = "Workspace.ToggleSidebarTab.node-library"
+    page.evaluate("(command) => app.extensionManager.command.execute(command)", library)
+    page.get_by_placeholder("Search", exact=False).first.fill(name)
+    entry = page.get_by_text(name, exact=True).first
+    entry.drag_to(page.locator("#graph-canvas"), target_position={"x": 900, "y": 400})
+    page.wait_for_timeout(500)
+    page.evaluate("(command) => app.extensionManager.command.execute(command)", library)
+    _settle(page)
+    return {"nodes": page.evaluate("""() => app.graph.nodes.map(n => ({type: n.type, title: n.title,
+        subgraph: Boolean(n.subgraph), widgets: (n.widgets || []).map(w => w.name)}))"""),
+            "toasts": take_toasts(page), "problems": frontend.problems.take()}
+

@@ -27,6 +27,10 @@ SCREENSHOTS = browser.REPO / "tests" / "output" / "browser"
 PINNED, NEWEST = "pinned", "newest"
 # The files the README tells a user to download, as the workflows name them.
 MODEL_FILES = ("checkpoints/v1-5-pruned-emaonly.safetensors", "xpsr/xpsr_fp16.safetensors")
+BLUEPRINT = "XPSR Upscale"
+blueprints = pytest.mark.host_feature(
+    "node packs' subgraph blueprints (app/subgraph_manager.py, ComfyUI 0.33)",
+    REASON is not None or (Path(os.environ["COMFYUI_PATH"]) / "app" / "subgraph_manager.py").is_file())
 
 # A fresh, offline ComfyUI install, whatever the frontend.
 OFFLINE_HOST = browser.Ignored(
@@ -160,3 +164,63 @@ def test_toasts_and_alerts_are_detected(page):
     page.page.wait_for_timeout(500)
     assert [toast for toast in browser.take_toasts(page.page) if "XPSR test toast" in toast]
     assert page.problems.take() == ["native alert: XPSR test alert"]
+
+
+@blueprints
+def test_the_server_lists_the_packs_blueprint(server):
+    listed = json.load(urllib.request.urlopen(f"{server}/api/global_subgraphs")).values()
+    assert [(e["name"], e["info"]["node_pack"]) for e in listed if e["source"] == "custom_node"] == [
+        (BLUEPRINT, "custom_nodes.comfyui-xpsr")]
+
+
+@blueprints
+def test_the_blueprint_is_placed_from_the_node_library_with_no_missing_node(page):
+    """On an empty canvas, from the node library: one XPSR Upscale node with its widgets, whose subgraph holds the
+    three XPSR nodes, all registered and unbroken."""
+    page.page.evaluate("() => app.graph.clear()")
+    placed = browser.place_from_node_library(page, BLUEPRINT)
+    assert placed == {"nodes": [{"type": placed["nodes"][0]["type"], "title": BLUEPRINT, "subgraph": True, "widgets": [
+        "xpsr_model", "high_level", "low_level", "scale", "steps", "cfg", "color_fix", "seed"]}],
+        "toasts": [], "problems": []}
+    inner = page.page.evaluate("""() => app.graph.nodes[0].subgraph.nodes.map(n => ({type: n.type,
+        registered: n.type in LiteGraph.registered_node_types, broken: Boolean(n.has_errors)}))""")
+    assert sorted(n["type"] for n in inner) == ["XPSRDualPromptEncode", "XPSRLoader", "XPSRSampler"]
+    assert all(n["registered"] and not n["broken"] for n in inner)
+
+
+@blueprints
+def test_the_blueprints_prompt_validates_on_the_server(page, server):
+    """The blueprint fed by Load Checkpoint and Load Image into Save Image, expanded into its nodes as the frontend
+    converts a graph for the queue: ComfyUI validates the prompt (queued for a client that is not this page, so
+    the run, which fails on the empty stand-in checkpoint, shows nothing here)."""
+    page.page.evaluate("() => app.graph.clear()")
+    browser.place_from_node_library(page, BLUEPRINT)
+    prompt = page.page.evaluate("""async () => {
+        const upscale = app.graph.nodes[0];
+        const add = (type, pos) => { const n = LiteGraph.createNode(type); n.pos = pos; app.graph.add(n); return n; };
+        const checkpoint = add("CheckpointLoaderSimple", [0, 0]), image = add("LoadImage", [0, 300]);
+        const save = add("SaveImage", [1200, 0]);
+        const slot = name => upscale.inputs.findIndex(i => i.name === name);
+        checkpoint.connect(0, upscale, slot("model"));
+        checkpoint.connect(1, upscale, slot("clip"));
+        checkpoint.connect(2, upscale, slot("vae"));
+        image.connect(0, upscale, slot("image"));
+        upscale.connect(0, save, 0);
+        for (const [name, text] of [["high_level", "a red brick wall"], ["low_level", "blurry and noisy"]])
+            upscale.widgets.find(w => w.name === name).value = text;
+        return (await app.graphToPrompt()).output;
+    }""")
+    assert sorted(node["class_type"] for node in prompt.values()) == [
+        "CheckpointLoaderSimple", "LoadImage", "SaveImage", "XPSRDualPromptEncode", "XPSRLoader", "XPSRSampler"]
+    encode = next(node for node in prompt.values() if node["class_type"] == "XPSRDualPromptEncode")
+    assert (encode["inputs"]["high_level"], encode["inputs"]["low_level"]) == ("a red brick wall", "blurry and noisy")
+    request = urllib.request.Request(f"{server}/prompt", json.dumps({"prompt": prompt,
+                                                                     "client_id": "xpsr-test-validation"}).encode(),
+                                     {"Content-Type": "application/json"})
+    try:
+        answer = json.load(urllib.request.urlopen(request))
+    except urllib.error.HTTPError as e:
+        raise AssertionError(f"{e}: {e.read().decode()}") from e
+    assert answer["node_errors"] == {} and answer["prompt_id"]
+    assert page.problems.take() == [] and browser.take_toasts(page.page) == []
+

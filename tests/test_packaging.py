@@ -19,8 +19,8 @@ else:  # the pack supports Python 3.10, where tomllib's predecessor is the tomli
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-RUNTIME = ("__init__.py", "nodes/", "xpsr_core/", "web/", "workflows/", "configs/", "scripts/", "benchmarks/",
-           "README.md", "LICENSE", "pyproject.toml", "requirements.txt")
+RUNTIME = ("__init__.py", "nodes/", "xpsr_core/", "web/", "workflows/", "subgraphs/", "configs/", "scripts/",
+           "benchmarks/", "README.md", "LICENSE", "pyproject.toml", "requirements.txt")
 """What ComfyUI needs to run the pack, its workflows and its commands: every tracked file here is shipped."""
 
 
@@ -91,6 +91,7 @@ def test_registry_package_holds_everything_the_pack_runs_with():
     assert runtime and not set(runtime) - packed, f"left out of the package: {sorted(set(runtime) - packed)}"
     assert {"__init__.py", "pyproject.toml", "requirements.txt", "README.md", "LICENSE"} <= packed
     assert any(p.startswith("workflows/") and p.endswith(".jpg") for p in packed), "workflow thumbnails are missing"
+    assert "subgraphs/XPSR Upscale.json" in packed, "the subgraph blueprint is missing"
 
 
 def test_packing_rules_are_comfy_clis(tmp_path: Path, monkeypatch):
