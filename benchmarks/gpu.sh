@@ -11,6 +11,9 @@
 #   pytorch   one CFG step at 512 and 2048 px (time and FLOP ratios over stock SD1.5 + ControlNet), a step's peak
 #             VRAM, the whole XPSR Sampler graph beside a stock ControlNet KSampler graph at 512 and 2048 px
 #             (peak VRAM, time per step), tiles batched vs serial at 1024 and 2048 px, fp8 vs fp16 weights
+#   dynamic_vram   the same whole graphs and step VRAM with ComfyUI's dynamic VRAM on, as main.py starts it by
+#             default on NVIDIA since 0.16 (every other run is as under --disable-dynamic-vram); results.md says
+#             whether it did start
 #   lowvram, novram   the same whole graphs and step VRAM under ComfyUI's --lowvram / --novram
 #   pytorch_override   the step with a passthrough attention override (what sage/flash patch nodes install)
 #   compile   TorchCompileModel's first and steady step, XPSR over stock
@@ -43,6 +46,7 @@ run() {
 }
 
 run pytorch --sections step,step_memory,graph,tile_batching,weight_memory
+run dynamic_vram --dynamic-vram --sections graph,step_memory
 run lowvram --vram lowvram --sections graph,step_memory
 run novram --vram novram --sections graph,step_memory
 run pytorch_override --override --sections step

@@ -13,8 +13,9 @@ graph-break and recompile counts; a tiled step with one tile per model call over
 memory allows; the XPSR weights' bytes in fp8 over fp16; and the captioning time per image
 with the MLLM's load/unload overhead; and whole graphs through ComfyUI's executor, the XPSR
 Sampler graph beside a stock SD1.5 + ControlNet KSampler graph, with their peak memory and
-time per step (per VRAM launch flag, one process each). SD1.5 sizes, random weights built
-in memory. Results go to results.json and results.md.
+time per step (per VRAM launch flag, and with or without dynamic VRAM, one process each).
+SD1.5 sizes, random weights built in memory, the XPSR parts from ComfyUI's ops as XPSR Loader
+builds them. Results go to results.json and results.md.
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ SD15_UNET = {
 }
 
 
-def import_comfy(pytorch_attention: bool, vram: str | None = None):
-    """ComfyUI with the pack loaded; ``vram`` is a launch flag's name (lowvram, novram), set before its import."""
+def import_comfy(pytorch_attention: bool, vram: str | None = None, dynamic_vram: bool = False):
+    """ComfyUI with the pack loaded; ``vram`` is a launch flag's name (lowvram, novram), set before its import;
+    ``dynamic_vram`` starts ComfyUI's dynamic VRAM as its main.py does, where the host has it (see below)."""
     sys.path.insert(0, os.environ["COMFYUI_PATH"])
     from comfy.cli_args import args
 
@@ -55,10 +57,58 @@ def import_comfy(pytorch_attention: bool, vram: str | None = None):
     args.use_pytorch_cross_attention = pytorch_attention
     if vram:
         setattr(args, vram, True)
+    dynamic_vram = dynamic_vram and start_dynamic_vram_allocator(args)
     import nodes
 
+    if dynamic_vram:
+        enable_dynamic_vram(args)
     asyncio.run(nodes.load_custom_node(str(REPO), ignore=set(nodes.NODE_CLASS_MAPPINGS)))
     return sys.modules[str(REPO).replace(".", "_x_")]
+
+
+def start_dynamic_vram_allocator(args) -> bool:
+    """comfy-aimdo's allocator, which ComfyUI's main.py (0.16 and later, where dynamic VRAM is on by default on
+    NVIDIA) starts before its model management is imported; this process has no main.py, so it does the same.
+    False, and nothing started, where the host has no dynamic VRAM or its flags leave it off (--cpu, --novram...)."""
+    import comfy.cli_args
+
+    enables = getattr(comfy.cli_args, "enables_dynamic_vram", None)
+    if enables is None or not enables():
+        return False
+    import comfy_aimdo.control
+
+    headroom = None if args.reserve_vram is None else int(args.reserve_vram * 1024 ** 3)
+    try:
+        comfy_aimdo.control.init(simple_vram_headroom=headroom, nvml_pressure=not args.disable_nvml_pressure)
+    except TypeError:  # older comfy-aimdo protocols, as main.py falls back
+        comfy_aimdo.control.init()
+    return True
+
+
+def enable_dynamic_vram(args) -> None:
+    """main.py's second step: the devices, then ComfyUI's models held by the streaming patcher. Where comfy-aimdo
+    declines, ComfyUI stays on its classic patcher; the results say which ran (``dynamic_vram``)."""
+    import comfy_aimdo.control
+
+    import comfy.memory_management
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    if not mm.is_nvidia():  # main.py's dynamic_vram_supported(), less ROCm 7.14 and later
+        return
+    try:
+        started = comfy_aimdo.control.init_devices((d.index, int(args.vram_headroom * 1024 ** 3))
+                                                   for d in mm.get_all_torch_devices())
+    except TypeError:
+        started = comfy_aimdo.control.init_devices(d.index for d in mm.get_all_torch_devices())
+    if started:
+        comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
+        comfy.memory_management.aimdo_enabled = True
+
+
+def dynamic_vram_on() -> bool:
+    memory_management = sys.modules.get("comfy.memory_management")
+    return bool(getattr(memory_management, "aimdo_enabled", False))
 
 
 def passthrough_override(attention, *args, **kwargs):
@@ -89,11 +139,12 @@ def build(pack, dtype: torch.dtype = torch.float32, override: bool = False, chan
     unet, sd15 = unet_configs(pack, channels)
 
     device, offload = mm.get_torch_device(), mm.unet_offload_device()
+    patcher = pack.nodes.host_compat.core_model_patcher()  # as ComfyUI's loaders and XPSR Loader hold their models
     config = comfy.supported_models.SD15(dict(unet))
     config.set_inference_dtype(dtype, None)
     base = config.get_model({}, device=offload)
     randomize(base.diffusion_model)
-    model = comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=offload)
+    model = patcher(base, load_device=device, offload_device=offload)
     if override:
         model.model_options["transformer_options"]["optimized_attention_override"] = passthrough_override
 
@@ -101,15 +152,14 @@ def build(pack, dtype: torch.dtype = torch.float32, override: bool = False, chan
         k: v for k, v in unet.items() if k != "transformer_depth_output"}), 1)
     stock = comfy.controlnet.ControlNet(stock_cn, load_device=device)
 
-    nodes_control = pack.nodes.control
-    unet_patch = pack.nodes.unet_patch
-    attention_fn = pack.nodes.model_files.host_attention
-    xpsr_cn = randomize(SFAControlNet(ControlNetConfig.from_dict(sd15 | {"use_lowlevel_prompt": True}),
-                                      attention=attention_fn, dtype=dtype), 2)
-    conditional = randomize(ConditionalAttention(UNetConfig.from_dict(sd15), attention=attention_fn, dtype=dtype), 3)
-    xpsr = nodes_control.XPSRControlNet(xpsr_cn, dtype, load_device=device)
-    patched = unet_patch.patch_model(model, comfy.model_patcher.ModelPatcher(conditional, load_device=device,
-                                                                             offload_device=offload))
+    settings = pack.nodes.model_files.LayerSettings(dtype, mm.unet_manual_cast(dtype, device), None)
+    layers = {k: v for k, v in settings.build_arguments().items() if k in ("attention", "operations")}
+    xpsr_cn = randomize(SFAControlNet(ControlNetConfig.from_dict(sd15 | {"use_lowlevel_prompt": True}), **layers,
+                                      dtype=dtype), 2)
+    conditional = randomize(ConditionalAttention(UNetConfig.from_dict(sd15), **layers, dtype=dtype), 3)
+    xpsr = pack.nodes.control.XPSRControlNet(xpsr_cn, dtype, load_device=device,
+                                             manual_cast_dtype=settings.manual_cast_dtype)
+    patched = pack.nodes.unet_patch.patch_model(model, patcher(conditional, load_device=device, offload_device=offload))
     return model, stock, patched, xpsr
 
 
@@ -584,7 +634,8 @@ SECTIONS = ("attention_memory", "step", "step_memory", "tiled", "compile", "tile
 
 def markdown(results: dict) -> str:
     lines = [f"Device {results['device']}, torch {results['torch']}, ComfyUI attention {results['attention_backend']}"
-             f"{' with an override' if results['override'] else ''}, {results['dtype']}, VRAM mode {results['vram']}."]
+             f"{' with an override' if results['override'] else ''}, {results['dtype']}, VRAM mode {results['vram']}, "
+             f"dynamic VRAM {'on' if results['dynamic_vram'] else 'off'}."]
     if "step" in results:
         lines += ["", "## One sampling step (CFG batch 2), XPSR over stock SD1.5 + ControlNet", "",
                   "| latent | output | time ratio | FLOP ratio | XPSR GFLOPs | stock GFLOPs |",
@@ -683,6 +734,9 @@ def main() -> int:
                         help="install a passthrough optimized_attention_override on the MODELs (as sage/flash "
                              "nodes do)")
     parser.add_argument("--vram", choices=("lowvram", "novram"), help="ComfyUI's VRAM launch flag")
+    parser.add_argument("--dynamic-vram", action="store_true",
+                        help="start ComfyUI's dynamic VRAM as its main.py does (0.16 and later, NVIDIA); without it "
+                             "the models run as under --disable-dynamic-vram")
     args = parser.parse_args()
     if not os.environ.get("COMFYUI_PATH"):
         parser.error("set COMFYUI_PATH to a ComfyUI checkout: the step benchmark runs ComfyUI's own models")
@@ -690,7 +744,7 @@ def main() -> int:
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown section {sorted(unknown)[0]!r}; expected some of {','.join(SECTIONS)}")
-    pack = import_comfy(args.attention == "pytorch", args.vram)
+    pack = import_comfy(args.attention == "pytorch", args.vram, args.dynamic_vram)
     dtype = {"fp32": torch.float32, "fp16": torch.float16}[args.dtype]
     models = build(pack, dtype, args.override, args.channels) if {
         "step", "step_memory", "tiled", "compile", "tile_batching", "graph"} & set(sections) else None
@@ -713,7 +767,7 @@ def main() -> int:
     }
     results = {"device": str(sys.modules["comfy.model_management"].get_torch_device()), "torch": torch.__version__,
                "attention_backend": args.attention, "dtype": args.dtype, "channels": args.channels,
-               "override": args.override, "vram": args.vram or "normal"}
+               "override": args.override, "vram": args.vram or "normal", "dynamic_vram": dynamic_vram_on()}
     args.out.mkdir(parents=True, exist_ok=True)
     for name in (name for name in SECTIONS if name in sections):
         results[name] = runs[name]()
