@@ -2,7 +2,9 @@
 
 Each difference is decided by a feature check on the running ComfyUI (an attribute, a
 signature), never by its version string, and names the release (or PR) that brought it.
-The rest of the pack calls these functions instead of checking for itself.
+The rest of the pack calls these functions instead of checking for itself. One exception:
+benchmarks/run.py starts dynamic VRAM itself, as ComfyUI's main.py does, before ComfyUI's
+model management is imported, which importing this module already does.
 
 Internals the pack still relies on, for want of a public entry point in ``comfy_api``:
 ``execution.PromptExecutor`` (the batch command, the benchmarks and the tests run graphs
