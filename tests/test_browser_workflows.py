@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import browser
+import record_api_workflows
 
 REASON = browser.unavailable()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
@@ -141,6 +142,14 @@ def test_every_prompt_box_is_labelled_while_filled(page, path: Path):
     assert {name: labels.get(name) for name in PROMPTS if name not in linked} == {
         name: name for name in PROMPTS if name not in linked}
     assert all(labels.get(name) in (None, name) for name in linked)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_the_api_workflow_is_this_frontends_conversion_of_the_workflow(page, path: Path):
+    """workflows/api/<name>.json is the prompt the Queue button sends for workflows/<name>.json."""
+    browser.load_workflow(page, json.loads(path.read_text()))
+    assert page.page.evaluate(record_api_workflows.CONVERT) == json.loads(
+        (record_api_workflows.API / path.name).read_text())
 
 
 def test_a_missing_node_is_detected(page):

@@ -68,3 +68,18 @@ def test_thumbnail_is_rendered_from_the_current_layout(path: Path):
     it with tests/render_workflow_thumbnails.py)."""
     with Image.open(path.with_suffix(".jpg")) as thumbnail:
         assert thumbnail.format == "JPEG" and thumbnail.size == thumbnail_size(json.loads(path.read_text()))
+
+
+def test_every_workflow_has_its_api_prompt_and_no_other_is_shipped():
+    api = sorted((WORKFLOWS[0].parent / "api").glob("*.json"))
+    assert [p.name for p in api] == [p.name for p in WORKFLOWS]
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_the_api_prompt_names_the_same_nodes_as_the_workflow(path: Path):
+    """Every executable node of the workflow (Notes are the frontend's alone) is in its API prompt, by id and type."""
+    workflow = json.loads(path.read_text())
+    prompt = json.loads((path.parent / "api" / path.name).read_text())
+    assert {node_id: node["class_type"] for node_id, node in prompt.items()} == {
+        str(n["id"]): n["type"] for n in workflow["nodes"] if n["type"] not in ("Note", "MarkdownNote")}
+    assert null_paths(prompt) == []
