@@ -1,6 +1,6 @@
 """A user's session through ComfyUI's own server, over HTTP and the websocket only: model files on disk loaded by
-the stock loaders, an LR image uploaded, API prompts queued, their messages followed, results fetched with /view,
-interrupts, a queue of prompts, and /free.
+the stock loaders, an LR image uploaded, the shipped API workflows queued, their messages followed, results
+fetched with /view, interrupts, a queue of prompts, /free, and the README's client.
 
 The server is ComfyUI's main.py on loopback (--cpu) with the pack in custom_nodes and the model files a user has
 (tests/user_models.py) in its models folder; its results are held to what ComfyUI's executor gives in this process
@@ -105,8 +105,8 @@ def uploaded(client: ComfyClient, lr_image: Path) -> str:
 
 
 def workflow(name: str, image: str, models: U.UserModels, **sampler) -> dict:
-    """A shipped workflow as an API prompt, its loaders pointed at the user's files, small enough for a CPU."""
-    prompt = H.ui_to_api(json.loads((H.REPO / "workflows" / f"{name}.json").read_text()))
+    """A shipped API workflow, its loaders pointed at the user's files, small enough for a CPU."""
+    prompt = json.loads((H.REPO / "workflows" / "api" / f"{name}.json").read_text())
     for node in prompt.values():
         inputs = node["inputs"]
         match node["class_type"]:
@@ -223,3 +223,24 @@ def test_free_with_unload_models_frees_xpsrs_parts(client: ComfyClient, first_ru
     while xpsr_parts & set(loaded_models(client)) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not xpsr_parts & set(loaded_models(client))
+
+
+def readme_client() -> str:
+    """The Python client the README shows for scripts and services."""
+    readme = (H.REPO / "README.md").read_text()
+    return readme.split("## From scripts and services", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_client_queues_an_api_workflow_and_saves_the_result(
+        client: ComfyClient, uploaded: str, user_models: U.UserModels, first_run, tmp_path: Path):
+    """Run as shown, its settings line pointed at this server, the first run's prompt and a file of its own."""
+    workflow_file = tmp_path / "workflow.json"
+    workflow_file.write_text(json.dumps(workflow("xpsr_manual_prompts", "unset.png", user_models, seed=5)))
+    code = readme_client()
+    settings = next(line for line in code.splitlines() if line.startswith("SERVER, WORKFLOW, IMAGE, OUT = "))
+    code = code.replace(settings, f"SERVER, WORKFLOW, IMAGE, OUT = {client.url!r}, {str(workflow_file)!r}, "
+                                  f"{uploaded!r}, {str(tmp_path / 'restored.png')!r}")
+    assert len(code.strip().splitlines()) <= 12
+    exec(compile(code, "README client", "exec"), {})
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "restored.png")), first_run[1])
+
