@@ -1,5 +1,6 @@
 import os
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ import torch
 from parity import ParityFixture, parity_fixture
 
 HOST_SUITES = ("test_host_", "test_browser_")
+PINNED, NEWEST = "pinned", "newest"
 """Test files that need ComfyUI (and, for the browser ones, Chromium); they skip on a contributor's machine."""
 
 
@@ -37,6 +39,23 @@ def pytest_collection_modifyitems(config, items) -> None:
         config.hook.pytest_deselected(items=lacking)
         items[:] = [item for item in items if item not in lacking]
     config.xpsr_features_lacking = Counter(item.get_closest_marker("host_feature").args[0] for item in lacking)
+
+
+@pytest.fixture(scope="module", params=[PINNED, NEWEST])
+def frontend(request) -> str:
+    """The frontend a browser test's server serves: the one ComfyUI pins, or the newest (XPSR_NEWEST_FRONTEND)."""
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def front_end_root(frontend) -> Path | None:
+    """The build the server serves instead of the pinned one (None: the pinned one)."""
+    if frontend == PINNED:
+        return None
+    if not os.environ.get("XPSR_NEWEST_FRONTEND"):
+        pytest.skip("XPSR_NEWEST_FRONTEND is not set: it names the newest frontend's build directory "
+                    "(comfyui_frontend_package/static)")
+    return Path(os.environ["XPSR_NEWEST_FRONTEND"])
 
 
 def _host_skips(session) -> list:

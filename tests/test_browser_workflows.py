@@ -25,7 +25,6 @@ pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
 
 WORKFLOWS = sorted((browser.REPO / "workflows").glob("*.json"))
 SCREENSHOTS = browser.REPO / "tests" / "output" / "browser"
-PINNED, NEWEST = "pinned", "newest"
 # The files the README tells a user to download, as the workflows name them.
 MODEL_FILES = ("checkpoints/v1-5-pruned-emaonly.safetensors", "xpsr/xpsr_fp16.safetensors")
 BLUEPRINT = "XPSR Upscale"
@@ -71,22 +70,6 @@ def host_problems(url: str) -> browser.Ignored:
         if e.code == 404:
             return OFFLINE_HOST + FRONTEND_STARTUP + ROUTES_THE_HOST_LACKS
     return OFFLINE_HOST + FRONTEND_STARTUP
-
-
-@pytest.fixture(scope="module", params=[PINNED, NEWEST])
-def frontend(request) -> str:
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def front_end_root(frontend) -> Path | None:
-    """The build the server serves instead of the pinned one (None: the pinned one)."""
-    if frontend == PINNED:
-        return None
-    if not os.environ.get("XPSR_NEWEST_FRONTEND"):
-        pytest.skip("XPSR_NEWEST_FRONTEND is not set: it names the newest frontend's build directory "
-                    "(comfyui_frontend_package/static)")
-    return Path(os.environ["XPSR_NEWEST_FRONTEND"])
 
 
 @pytest.fixture(scope="module")
