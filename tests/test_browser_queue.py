@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 import comfy_host  # noqa: F401 (skips this module without COMFYUI_PATH)
 
@@ -19,7 +18,6 @@ from test_browser_workflows import CLEAN, MODEL_FILES, REASON, WORKFLOWS, host_p
 
 pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
 
-LR_SIDE = 32
 DATASET = "xpsr_dataset"
 """The dataset folder (in ComfyUI's input folder) the caption-files workflow reads."""
 OUTPUT_SIDE = {"xpsr_caption_files": 64, "xpsr_chained_ksampler": 128, "xpsr_large_image_tiles": 64,
@@ -43,11 +41,7 @@ SHOWN = """() => app.graph.nodes.filter(n => n.type === "SaveImage")
 
 @pytest.fixture(scope="module")
 def lr_image(tmp_path_factory) -> Path:
-    from skimage import data
-
-    path = tmp_path_factory.mktemp("lr") / "lr.png"
-    Image.fromarray(data.astronaut()).resize((LR_SIDE, LR_SIDE), Image.BICUBIC).save(path)
-    return path
+    return U.write_lr_photo(tmp_path_factory.mktemp("lr") / "lr.png")
 
 
 @pytest.fixture(scope="module")

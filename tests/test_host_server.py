@@ -29,7 +29,7 @@ import browser
 import user_models as U
 from comfy_client import ComfyClient, Run
 
-LR_SIDE = 32
+LR_SIDE = U.LR_SIDE
 SAVE = "8"
 """The Save Image node of the manual-prompts workflow."""
 CAPTION = "5"
@@ -92,11 +92,7 @@ def client(server: str) -> ComfyClient:
 
 @pytest.fixture(scope="module")
 def lr_image(tmp_path_factory) -> Path:
-    from skimage import data
-
-    path = tmp_path_factory.mktemp("lr") / "xpsr_server_lr.png"
-    Image.fromarray(data.astronaut()).resize((LR_SIDE, LR_SIDE), Image.BICUBIC).save(path)
-    return path
+    return U.write_lr_photo(tmp_path_factory.mktemp("lr") / "xpsr_server_lr.png")
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,8 @@
   ``unet/`` with the same UNet's stock tensors and the conditional attention) of these shapes.
 - ``LLM/llava-hf/llava-tiny``: a tiny random captioner (tests/tiny_vlm.py).
 
+And the photo a user restores with them (``write_lr_photo``).
+
 Random, seeded weights: the same files come out every time. Building needs ComfyUI's classes
 (comfy_host imports them) and takes about half a minute on a CPU.
 """
@@ -49,6 +51,18 @@ SD_VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3
 CHECKPOINT = "xpsr_test_sd15.safetensors"
 XPSR = "xpsr_test.safetensors"
 LLM = "llava-hf/llava-tiny"
+
+
+LR_SIDE = 32
+
+
+def write_lr_photo(path: Path, side: int = LR_SIDE) -> Path:
+    """A user's low-resolution photo: scikit-image's astronaut, ``side`` px square, as PNG."""
+    from PIL import Image
+    from skimage import data
+
+    Image.fromarray(data.astronaut()).resize((side, side), Image.BICUBIC).save(path)
+    return path
 
 
 @dataclass(frozen=True)
