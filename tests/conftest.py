@@ -8,8 +8,8 @@ import torch
 from parity import ParityFixture, parity_fixture
 
 HOST_SUITES = ("test_host_", "test_browser_")
-PINNED, NEWEST = "pinned", "newest"
 """Test files that need ComfyUI (and, for the browser ones, Chromium); they skip on a contributor's machine."""
+PINNED, NEWEST = "pinned", "newest"
 
 
 @pytest.fixture(scope="session")
