@@ -123,8 +123,10 @@ def _wait(url: str, seconds: float) -> None:
 
 @contextmanager
 def comfy_server(base: Path, front_end_root: Path | None = None, model_files: Iterable[str] = (),
-                 settings: dict | None = None) -> Iterator[str]:
-    """ComfyUI's server with the pack in ``base``/custom_nodes; yields its URL.
+                 settings: dict | None = None, packs: Iterable[Path] = (), options: Iterable[str] = ()
+                 ) -> Iterator[str]:
+    """ComfyUI's server with the pack (and ``packs``, other node pack folders) in ``base``/custom_nodes; yields its
+    URL. ``options`` are more of main.py's command-line options.
 
     ``front_end_root`` serves another frontend build (ComfyUI's ``--front-end-root``) instead of the pinned one.
     ``model_files`` (paths under ``models/``) are created empty: they stand for the files a user has downloaded,
@@ -134,9 +136,10 @@ def comfy_server(base: Path, front_end_root: Path | None = None, model_files: It
     if front_end_root is not None and not (Path(front_end_root) / "index.html").is_file():
         raise FileNotFoundError(f"{front_end_root} is not a ComfyUI frontend build: it has no index.html")
     (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
-    link = base / "custom_nodes" / "comfyui-xpsr"
-    if not link.exists():
-        link.symlink_to(REPO, target_is_directory=True)
+    for name, folder in (("comfyui-xpsr", REPO), *((Path(pack).name, Path(pack)) for pack in packs)):
+        link = base / "custom_nodes" / name
+        if not link.exists():
+            link.symlink_to(folder, target_is_directory=True)
     user = base / "user" / "default"
     user.mkdir(parents=True, exist_ok=True)
     (user / "comfy.settings.json").write_text(json.dumps(SETTINGS | (settings or {})))
@@ -152,7 +155,7 @@ def comfy_server(base: Path, front_end_root: Path | None = None, model_files: It
     frontend = ["--front-end-root", str(front_end_root)] if front_end_root is not None else []
     server = subprocess.Popen(
         [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
-         "--base-directory", str(base), *frontend], cwd=os.environ["COMFYUI_PATH"], stdout=log,
+         "--base-directory", str(base), *frontend, *options], cwd=os.environ["COMFYUI_PATH"], stdout=log,
         stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:

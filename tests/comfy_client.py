@@ -117,6 +117,16 @@ class ComfyClient:
                                                              image["subfolder"], "type": image["type"]}))
                 for image in self.history(prompt_id)["outputs"][node_id]["images"]]
 
+    def probe(self, prompt: dict | None = None) -> dict:
+        """What the server's process holds (tests/server_probe's report), read after ``prompt`` ran: queued as
+        ``prompt`` plus the probe node, only the probe runs and ComfyUI's caches stay as ``prompt`` left them."""
+        probe_id = str(1 + max((int(key) for key in prompt or {} if key.isdigit()), default=0))
+        run, = self.run({**(prompt or {}), probe_id: {"class_type": "XPSRTestServerProbe", "inputs": {}}})
+        if run.end != "execution_success":
+            raise RuntimeError(f"the server probe did not run: {run.kinds()}")
+        report = self.history(run.prompt_id)["outputs"][probe_id]
+        return {key: value if key == "loaded" else value[0] for key, value in report.items()}
+
     def interrupt(self) -> None:
         self.post("/interrupt", {})
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import textwrap
 import time
 from pathlib import Path
 
@@ -35,41 +34,6 @@ SAVE = "8"
 CAPTION = "5"
 SAMPLER = "7"
 
-PROBE_PACK = textwrap.dedent('''
-    import time
-
-    from typing_extensions import override
-    from comfy_api.latest import ComfyExtension, io
-    import comfy.model_management
-
-    class XPSRTestLoadedModels(io.ComfyNode):
-        """The models ComfyUI holds loaded, by their module's class (what /free should empty of XPSR)."""
-
-        @classmethod
-        def define_schema(cls):
-            return io.Schema(node_id="XPSRTestLoadedModels", category="testing", inputs=[], outputs=[],
-                             is_output_node=True, not_idempotent=True)
-
-        @classmethod
-        def fingerprint_inputs(cls):
-            return time.time()
-
-        @classmethod
-        def execute(cls):
-            names = [type(m.model.model).__name__ for m in comfy.model_management.current_loaded_models
-                     if m.model is not None]
-            return io.NodeOutput(ui={"loaded": names})
-
-    class _Ext(ComfyExtension):
-        @override
-        async def get_node_list(self):
-            return [XPSRTestLoadedModels]
-
-    async def comfy_entrypoint():
-        return _Ext()
-''')
-
-
 @pytest.fixture(scope="session")
 def user_models(tmp_path_factory) -> U.UserModels:
     return U.write_user_models(tmp_path_factory.mktemp("comfy_user") / "models")
@@ -77,11 +41,7 @@ def user_models(tmp_path_factory) -> U.UserModels:
 
 @pytest.fixture(scope="module")
 def server(user_models: U.UserModels):
-    base = user_models.models.parent
-    probe = base / "custom_nodes" / "xpsr_test_probe"
-    probe.mkdir(parents=True, exist_ok=True)
-    (probe / "__init__.py").write_text(PROBE_PACK)
-    with browser.comfy_server(base) as url:
+    with browser.comfy_server(user_models.models.parent, packs=[H.REPO / "tests" / "server_probe"]) as url:
         yield url
 
 
@@ -98,27 +58,6 @@ def lr_image(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def uploaded(client: ComfyClient, lr_image: Path) -> str:
     return client.upload_image(lr_image)
-
-
-def workflow(name: str, image: str, models: U.UserModels, **sampler) -> dict:
-    """A shipped API workflow, its loaders pointed at the user's files, small enough for a CPU."""
-    prompt = json.loads((H.REPO / "workflows" / "api" / f"{name}.json").read_text())
-    for node in prompt.values():
-        inputs = node["inputs"]
-        match node["class_type"]:
-            case "CheckpointLoaderSimple":
-                inputs["ckpt_name"] = models.checkpoint
-            case "XPSRLoader":
-                inputs["xpsr_model"] = models.xpsr
-            case "XPSRMLLMLoader":
-                inputs |= {"model": models.llm, "dtype": "fp32"}
-            case "XPSRCaption":
-                inputs["max_new_tokens"] = 4
-            case "LoadImage":
-                inputs["image"] = image
-            case "XPSRSampler":
-                inputs |= {"steps": 3, "process_size": 64, "scale": 2.0} | sampler
-    return prompt
 
 
 def pixels(png: bytes) -> np.ndarray:
@@ -143,7 +82,7 @@ def test_load_checkpoint_detects_the_users_checkpoint_as_sd15(user_models: U.Use
 
 @pytest.fixture(scope="module")
 def first_run(client: ComfyClient, uploaded: str, user_models: U.UserModels) -> tuple[Run, np.ndarray]:
-    prompt = workflow("xpsr_manual_prompts", uploaded, user_models, seed=5)
+    prompt = U.api_workflow("xpsr_manual_prompts", uploaded, user_models, seed=5)
     run, = client.run(prompt)
     return run, pixels(client.images(run.prompt_id, SAVE)[0])
 
@@ -160,7 +99,7 @@ def test_a_queued_prompt_reports_its_progress_and_gives_the_in_process_image(
     executed = next(data for kind, data in run.messages if kind == "executed" and data["node"] == SAVE)
     assert executed["output"]["images"][0]["type"] == "output"
     assert image.shape == (LR_SIDE * 2, LR_SIDE * 2, 3)
-    reference = in_process_image(workflow("xpsr_manual_prompts", uploaded, user_models, seed=5), user_models,
+    reference = in_process_image(U.api_workflow("xpsr_manual_prompts", uploaded, user_models, seed=5), user_models,
                                  lr_image, uploaded)
     assert np.abs(image.astype(int) - reference.astype(int)).max() <= 1
 
@@ -181,20 +120,21 @@ def interrupt_at(client: ComfyClient, node: str, kind: str) -> callable:
 def test_interrupt_ends_the_running_prompt_and_the_next_one_is_right(
         client: ComfyClient, uploaded: str, user_models: U.UserModels, first_run, graph: str, node: str, kind: str,
         settings: dict):
-    prompt = workflow(graph, uploaded, user_models, seed=6, **settings)
+    prompt = U.api_workflow(graph, uploaded, user_models, seed=6, **settings)
     if graph == "xpsr_mllm_captions":
         prompt[CAPTION]["inputs"]["max_new_tokens"] = 2048
     hook = interrupt_at(client, node, kind)
     run, = client.run(prompt, on_message=hook)
     assert run.end == "execution_interrupted", run.kinds()
     assert time.monotonic() - hook.at < 5, "the prompt went on for more than 5 s after the interrupt"
-    again, = client.run(workflow("xpsr_manual_prompts", uploaded, user_models, seed=5))
+    again, = client.run(U.api_workflow("xpsr_manual_prompts", uploaded, user_models, seed=5))
     assert again.end == "execution_success"
     assert np.array_equal(pixels(client.images(again.prompt_id, SAVE)[0]), first_run[1])
 
 
 def test_three_prompts_queued_at_once_run_in_order(client: ComfyClient, uploaded: str, user_models: U.UserModels):
-    runs = client.run(*(workflow("xpsr_manual_prompts", uploaded, user_models, seed=seed) for seed in (11, 12, 13)))
+    runs = client.run(*(U.api_workflow("xpsr_manual_prompts", uploaded, user_models, seed=seed)
+                        for seed in (11, 12, 13)))
     assert [run.end for run in runs] == ["execution_success"] * 3
     started = [client.history(run.prompt_id)["status"]["messages"][0] for run in runs]
     assert [message[0] for message in started] == ["execution_start"] * 3
@@ -204,8 +144,7 @@ def test_three_prompts_queued_at_once_run_in_order(client: ComfyClient, uploaded
 
 
 def loaded_models(client: ComfyClient) -> list[str]:
-    run, = client.run({"1": {"class_type": "XPSRTestLoadedModels", "inputs": {}}})
-    return client.history(run.prompt_id)["outputs"]["1"]["loaded"]
+    return client.probe()["loaded"]
 
 
 def test_free_with_unload_models_frees_xpsrs_parts(client: ComfyClient, first_run):
@@ -231,7 +170,7 @@ def test_the_readme_client_queues_an_api_workflow_and_saves_the_result(
         client: ComfyClient, uploaded: str, user_models: U.UserModels, first_run, tmp_path: Path):
     """Run as shown, its settings line pointed at this server, the first run's prompt and a file of its own."""
     workflow_file = tmp_path / "workflow.json"
-    workflow_file.write_text(json.dumps(workflow("xpsr_manual_prompts", "unset.png", user_models, seed=5)))
+    workflow_file.write_text(json.dumps(U.api_workflow("xpsr_manual_prompts", "unset.png", user_models, seed=5)))
     code = readme_client()
     settings = next(line for line in code.splitlines() if line.startswith("SERVER, WORKFLOW, IMAGE, OUT = "))
     code = code.replace(settings, f"SERVER, WORKFLOW, IMAGE, OUT = {client.url!r}, {str(workflow_file)!r}, "

@@ -7,10 +7,13 @@
   so a CPU samples it in seconds.
 - ``xpsr/xpsr_test.safetensors``: the pack's single file, written by
   ``python -m xpsr_core.weights.convert`` from an official-layout folder (``controlnet/``,
-  ``unet/`` with the same UNet's stock tensors and the conditional attention) of these shapes.
+  ``unet/`` with the same UNet's stock tensors and the conditional attention) of these shapes;
+  ``xpsr/xpsr_test_other.safetensors`` a second one (other random weights), as a user who
+  compares two trainings has.
 - ``LLM/llava-hf/llava-tiny``: a tiny random captioner (tests/tiny_vlm.py).
 
-And the photo a user restores with them (``write_lr_photo``).
+And the photos a user restores with them (``write_lr_photo``), and the shipped API workflows pointed at these
+files (``api_workflow``).
 
 Random, seeded weights: the same files come out every time. Building needs ComfyUI's classes
 (comfy_host imports them) and takes about half a minute on a CPU.
@@ -19,6 +22,7 @@ Random, seeded weights: the same files come out every time. Building needs Comfy
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -50,18 +54,21 @@ SD_VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3
           "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
 CHECKPOINT = "xpsr_test_sd15.safetensors"
 XPSR = "xpsr_test.safetensors"
+XPSR_OTHER = "xpsr_test_other.safetensors"
 LLM = "llava-hf/llava-tiny"
 
 
 LR_SIDE = 32
+PHOTOS = ("astronaut", "coffee", "chelsea")
+"""Colour photos that ship with scikit-image."""
 
 
-def write_lr_photo(path: Path, side: int = LR_SIDE) -> Path:
-    """A user's low-resolution photo: scikit-image's astronaut, ``side`` px square, as PNG."""
+def write_lr_photo(path: Path, side: int = LR_SIDE, photo: str = "astronaut") -> Path:
+    """A user's low-resolution photo: one of scikit-image's ``PHOTOS``, ``side`` px square, as PNG."""
     from PIL import Image
     from skimage import data
 
-    Image.fromarray(data.astronaut()).resize((side, side), Image.BICUBIC).save(path)
+    Image.fromarray(getattr(data, photo)()).resize((side, side), Image.BICUBIC).save(path)
     return path
 
 
@@ -72,7 +79,31 @@ class UserModels:
     models: Path
     checkpoint: str = CHECKPOINT
     xpsr: str = XPSR
+    xpsr_other: str = XPSR_OTHER
     llm: str = LLM
+
+
+def api_workflow(name: str, image: str, models: UserModels, xpsr: str | None = None, **sampler) -> dict:
+    """A shipped API workflow (workflows/api), its loaders pointed at the user's files (``xpsr``: another XPSR file
+    than ``models.xpsr``) and Load Image at ``image``; XPSR Sampler's ``sampler`` settings on top of a CPU-sized
+    run (3 steps, x2 at process size 64), XPSR Caption at 4 new tokens."""
+    prompt = json.loads((H.REPO / "workflows" / "api" / f"{name}.json").read_text())
+    for node in prompt.values():
+        inputs = node["inputs"]
+        match node["class_type"]:
+            case "CheckpointLoaderSimple":
+                inputs["ckpt_name"] = models.checkpoint
+            case "XPSRLoader":
+                inputs["xpsr_model"] = xpsr or models.xpsr
+            case "XPSRMLLMLoader":
+                inputs |= {"model": models.llm, "dtype": "fp32"}
+            case "XPSRCaption":
+                inputs["max_new_tokens"] = 4
+            case "LoadImage":
+                inputs["image"] = image
+            case "XPSRSampler":
+                inputs |= {"steps": 3, "process_size": 64, "scale": 2.0} | sampler
+    return prompt
 
 
 def sd15_checkpoint(unet: UNet2DCondition) -> dict[str, torch.Tensor]:
@@ -91,10 +122,10 @@ def sd15_checkpoint(unet: UNet2DCondition) -> dict[str, torch.Tensor]:
     return state
 
 
-def write_official_folder(folder: Path, unet: UNet2DCondition) -> None:
+def write_official_folder(folder: Path, unet: UNet2DCondition, seed: int) -> None:
     """An XPSR checkpoint folder as the official train.py writes it, for ``unet``: random ControlNet and conditional
-    attention (torch's default initialisation, seeded)."""
-    torch.manual_seed(13)
+    attention (torch's default initialisation, from ``seed``)."""
+    torch.manual_seed(seed)
     controlnet = SFAControlNet(controlnet_config_from_unet(unet.config))
     attention = ConditionalAttention(unet.config)
     for name, config, state in (
@@ -106,16 +137,18 @@ def write_official_folder(folder: Path, unet: UNet2DCondition) -> None:
 
 
 def write_user_models(models: Path) -> UserModels:
-    """The three model files under ``models`` (checkpoints/, xpsr/, LLM/), fp16 where a user's are."""
+    """The model files under ``models`` (checkpoints/, xpsr/, LLM/), fp16 where a user's are."""
     torch.manual_seed(10)
     unet = UNet2DCondition(UNetConfig.from_dict(UNET))
     (models / "checkpoints").mkdir(parents=True, exist_ok=True)
     save_file({k: v.to(torch.float16).contiguous() for k, v in sd15_checkpoint(unet).items()},
               str(models / "checkpoints" / CHECKPOINT))
-    official = models.parent / "xpsr_official_checkpoint"
-    write_official_folder(official, unet)
     (models / "xpsr").mkdir(exist_ok=True)
-    subprocess.run([sys.executable, "-m", "xpsr_core.weights.convert", str(official), str(models / "xpsr" / XPSR),
-                    "--dtype", "fp16"], check=True, cwd=H.REPO, capture_output=True)
+    for name, seed in ((XPSR, 13), (XPSR_OTHER, 14)):
+        official = models.parent / f"official_{Path(name).stem}"
+        write_official_folder(official, unet, seed)
+        subprocess.run([sys.executable, "-m", "xpsr_core.weights.convert", str(official), str(models / "xpsr" / name),
+                        "--dtype", "fp16"], check=True, cwd=H.REPO, capture_output=True)
+        shutil.rmtree(official)
     tiny_vlm.build_llava(models / "LLM" / LLM)
     return UserModels(models)
