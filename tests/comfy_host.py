@@ -38,6 +38,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 import comfy.model_management as mm  # noqa: E402
 import comfy.model_patcher  # noqa: E402
+import comfy.patcher_extension  # noqa: E402
 import comfy.sd  # noqa: E402
 import comfy.sd1_clip  # noqa: E402
 import comfy.supported_models  # noqa: E402
@@ -303,6 +304,15 @@ def pack_module(name: str):
     """A module of the pack as ComfyUI imported it (e.g. 'nodes.control')."""
     setup_host()
     return importlib.import_module(f"{str(REPO).replace('.', '_x_')}.{name}")
+
+
+def with_latent_tiles(model: comfy.model_patcher.ModelPatcher, max_tiles: int | None = None) -> tuple:
+    """A clone of ``model`` that evaluates XPSR's latent tiles (16 latent px, overlap 4) with a tiler of its own, as
+    each XPSR Sampler run does; returns the clone and its tiler."""
+    tiler = pack_module("nodes.tiled_sampling").TiledCondBatch(16, 4, max_tiles=max_tiles)
+    clone = model.clone()
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, "test_tiles", tiler)
+    return clone, tiler
 
 
 def validate(prompt: dict) -> tuple:

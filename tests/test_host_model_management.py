@@ -16,7 +16,6 @@ import comfy_host as H  # skips this module without COMFYUI_PATH
 
 import comfy.controlnet
 import comfy.model_patcher
-import comfy.patcher_extension
 import comfy.utils
 
 from parity import assert_parity, parity_fixture
@@ -140,14 +139,6 @@ def record_calls(modules: list[torch.nn.Module], calls: list[torch.nn.Module]) -
     return [m.register_forward_pre_hook(lambda module, args: calls.append(module)) for m in modules]
 
 
-def with_tiles(model):
-    """``model`` with XPSR's latent tiles (16 latent px, overlap 4), a tiler of its own, as each XPSR Sampler run."""
-    tiled = model.clone()
-    tiled.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, "test_tiles",
-                               H.pack_module("nodes.tiled_sampling").TiledCondBatch(16, 4))
-    return tiled
-
-
 @multi_gpu
 @pytest.mark.parametrize("tiles", [False, True], ids=["whole", "tiled"])
 @torch.no_grad()
@@ -161,8 +152,9 @@ def test_multi_gpu_sampling_runs_every_xpsr_part_on_the_devices_clone(tiles: boo
     positive, negative = with_control(control, prompts, prompts, H.test_image(192, 320, seed=4).movedim(-1, 1),
                                       case.scale)
     sigma = model.get_model_object("model_sampling").sigmas[torch.tensor([500, 500])]
-    reference = evaluate_once(with_tiles(model) if tiles else model, positive, negative, latent, sigma, cfg=4.5)
-    multi = H.clone_for_another_device(with_tiles(model) if tiles else model, CPU)
+    reference = evaluate_once(H.with_latent_tiles(model)[0] if tiles else model, positive, negative, latent, sigma,
+                              cfg=4.5)
+    multi = H.clone_for_another_device(H.with_latent_tiles(model)[0] if tiles else model, CPU)
     device_model = multi.get_additional_models_with_key("multigpu")[0]
     first = [model.model.diffusion_model, conditional_attention_of(model), control.control_model]
     calls: list[torch.nn.Module] = []

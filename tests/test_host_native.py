@@ -18,7 +18,6 @@ import comfy_host as H  # skips this module without COMFYUI_PATH
 import comfy.cldm.cldm
 import comfy.controlnet
 import comfy.model_management as mm
-import comfy.patcher_extension
 import comfy.utils
 import nodes as comfy_nodes
 from comfy.ldm.modules.attention import CrossAttention
@@ -183,9 +182,7 @@ def test_tiled_upscaler_hint_equals_the_crop_of_the_bicubic_stretch():
 
 def tiled(model, max_tiles: int | None, calls: list[int]):
     """``model`` with XPSR's latent tiles (16 latent px, overlap 4) and a counter of UNet calls."""
-    tiler = H.pack_module("nodes.tiled_sampling").TiledCondBatch(16, 4, max_tiles=max_tiles)
-    clone = model.clone()
-    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, "test_tiles", tiler)
+    clone, tiler = H.with_latent_tiles(model, max_tiles)
 
     def count(apply_model, args):
         calls.append(args["input"].shape[0])
