@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import statistics
 import sys
 import time
@@ -56,6 +55,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import report  # noqa: E402
 from model_setup import randomize  # noqa: E402  (registers the CPU attention's FLOPs)
 
 from xpsr_core.models import sd15_configs  # noqa: E402
@@ -272,9 +272,9 @@ def profile(models: Models, latent: int, out: Path, rows: int = 30) -> str:
             by_shape = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total",
                                                                           row_limit=rows)
             text += [f"# {name} step, latent {latent}", by_op, f"# {name} step by input shape", by_shape]
-    report = "\n".join(text)
-    (out / f"profile_{latent}.txt").write_text(report)
-    return report
+    table = "\n".join(text)
+    (out / f"profile_{latent}.txt").write_text(table)
+    return table
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -324,8 +324,7 @@ def main() -> int:
         if args.profile:
             profile(models, latent, args.out)
         results["wall_s"] = time.perf_counter() - started
-        (args.out / "results.json").write_text(json.dumps(results, indent=1))
-        (args.out / "results.md").write_text(markdown(results))
+        report.save(args.out, results, markdown)
     print(markdown(results))
     return 0
 

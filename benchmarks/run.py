@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
-import json
 import os
 import statistics
 import subprocess
@@ -32,6 +31,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import report
 import torch
 from model_setup import randomize
 from torch.utils.flop_counter import FlopCounterMode
@@ -768,12 +768,9 @@ def main() -> int:
     results = {"device": str(sys.modules["comfy.model_management"].get_torch_device()), "torch": torch.__version__,
                "attention_backend": args.attention, "dtype": args.dtype, "channels": args.channels,
                "override": args.override, "vram": args.vram or "normal", "dynamic_vram": dynamic_vram_on()}
-    args.out.mkdir(parents=True, exist_ok=True)
     for name in (name for name in SECTIONS if name in sections):
         results[name] = runs[name]()
-        # written after every section, so a run cut short by a time limit (benchmarks/gpu.sh) keeps what it measured
-        (args.out / "results.json").write_text(json.dumps(results, indent=1))
-        (args.out / "results.md").write_text(markdown(results))
+        report.save(args.out, results, markdown)
     print(markdown(results))
     return 0
 

@@ -22,7 +22,6 @@ results.json and results.md.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -31,6 +30,8 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import report
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
@@ -192,12 +193,10 @@ def main() -> int:
 
     results = {"host": host_version(), "cache": args.cache, "prompts": args.prompts, "warmup": args.warmup,
                "scenarios": {}}
-    args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="xpsr_soak_") as work:
         for name, rows in soaks(Path(work), scenarios, args.prompts, args.cache):
             results["scenarios"][name] = {"rows": rows, "summary": summary(rows, args.warmup)}
-            (args.out / "results.json").write_text(json.dumps(results, indent=1))
-            (args.out / "results.md").write_text(markdown(results))
+            report.save(args.out, results, markdown)
     print(markdown(results))
     return 0
 
