@@ -7,8 +7,8 @@ Each scenario starts a fresh server (main.py --cpu on loopback, the pack in cust
 has (tests/user_models.py: an SD1.5 checkpoint, two XPSR files, a tiny captioner) and queues ``--prompts`` prompts
 of shipped API workflows, each with a new seed, the next of three photos (same size, other content) and, without
 the captioner, new prompt texts. The scenarios: typed prompts or the captioner (XPSR MLLM Loader + XPSR Caption),
-each with one XPSR file throughout or a change of file at every prompt, and both in turn with a new file every two
-prompts (``mixed``).
+each with one XPSR file throughout or a change of file at every prompt, and, in turn, a large output in latent
+tiles and the captioner with a new file every two prompts (``mixed``).
 
 After every prompt tests/server_probe reads the server's process as the next prompt finds it, after a garbage
 collection: resident memory, the bytes of all live tensors, ComfyUI's loaded-model bytes and how many model
@@ -57,16 +57,18 @@ class Scenario:
         return math.lcm(len(self.workflows), 2 * self.xpsr_run or 1)
 
 
-TYPED, CAPTIONED = "xpsr_manual_prompts", "xpsr_mllm_captions"
+TYPED, CAPTIONED, TILED = "xpsr_manual_prompts", "xpsr_mllm_captions", "xpsr_large_image_tiles"
 SCENARIOS = {
     "typed_prompts": Scenario((TYPED,)),
     "typed_prompts_switching_xpsr": Scenario((TYPED,), xpsr_run=1),
     "captioner": Scenario((CAPTIONED,)),
     "captioner_switching_xpsr": Scenario((CAPTIONED,), xpsr_run=1),
-    "mixed": Scenario((TYPED, CAPTIONED), xpsr_run=2),
+    "mixed": Scenario((TILED, CAPTIONED), xpsr_run=2),
 }
-"""``mixed`` is a user going back and forth: typed prompts and the captioner in turn, a new XPSR file every two
-prompts."""
+"""``mixed`` is a user going back and forth: a large output in latent tiles (typed prompts) and the captioner in
+turn, a new XPSR file every two prompts."""
+TILED_AT_CPU_SIZE = {"process_size": 128, "tile_size": 8, "tile_overlap": 2}
+"""The large-image workflow's tiling at a size a CPU samples in seconds: a 16 px latent in 9 tiles of 8 px."""
 MEASURES = ("resident_bytes", "tensor_bytes", "loaded_bytes")
 CACHES = {"classic": ["--cache-classic"], "host-default": []}
 
@@ -76,8 +78,10 @@ def nth_prompt(scenario: Scenario, index: int, images: list[str], models) -> dic
     name the prompt (new conditioning every time)."""
     import user_models
 
-    prompt = user_models.api_workflow(scenario.workflow(index), images[index % len(images)], models,
-                                      xpsr=(models.xpsr, models.xpsr_other)[scenario.xpsr(index)], seed=1000 + index)
+    workflow = scenario.workflow(index)
+    prompt = user_models.api_workflow(workflow, images[index % len(images)], models,
+                                      xpsr=(models.xpsr, models.xpsr_other)[scenario.xpsr(index)], seed=1000 + index,
+                                      **TILED_AT_CPU_SIZE if workflow == TILED else {})
     for node in prompt.values():
         if node["class_type"] == "XPSRDualPromptEncode" and isinstance(node["inputs"]["high_level"], str):
             node["inputs"]["high_level"] += f" Photo number {index}."
@@ -93,7 +97,8 @@ def server_seconds(run) -> float:
 
 
 def soak(url: str, scenario: Scenario, prompts: int, images: list[str], models) -> list[dict]:
-    """Queue the scenario's prompts one after another; a row per prompt of what the server holds after it."""
+    """Queue the scenario's prompts one after another; a row per prompt of what the server holds after it, with
+    the length of its progress bar (XPSR Sampler's: steps x latent tiles)."""
     from comfy_client import ComfyClient
 
     client = ComfyClient(url)
@@ -105,7 +110,9 @@ def soak(url: str, scenario: Scenario, prompts: int, images: list[str], models) 
         if run.end != "execution_success":
             errors = [data for kind, data in run.messages if kind == "execution_error"]
             raise RuntimeError(f"prompt {index} ended with {run.end}: {errors}")
-        rows.append({"prompt": index, "seconds": server_seconds(run)} | client.probe(prompt))
+        progress = max((data["max"] for kind, data in run.messages if kind == "progress"), default=0)
+        rows.append({"prompt": index, "workflow": scenario.workflow(index), "seconds": server_seconds(run),
+                     "progress_max": progress} | client.probe(prompt))
     return rows
 
 
