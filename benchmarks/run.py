@@ -31,6 +31,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import cli
 import report
 import torch
 from model_setup import randomize
@@ -728,7 +729,8 @@ def main() -> int:
     parser.add_argument("--attention", choices=("pytorch", "comfy-default"), default="pytorch",
                         help="ComfyUI's attention backend: pytorch (SDPA, ComfyUI's choice on NVIDIA GPUs) or what "
                              "ComfyUI picks by default on this device (sub-quadratic on a CPU)")
-    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"some of {','.join(SECTIONS)}")
+    parser.add_argument("--sections", type=cli.names_of(SECTIONS, "section"), default=",".join(SECTIONS),
+                        help=f"some of {','.join(SECTIONS)}")
     parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="weights and compute of every model")
     parser.add_argument("--override", action="store_true",
                         help="install a passthrough optimized_attention_override on the MODELs (as sage/flash "
@@ -740,10 +742,7 @@ def main() -> int:
     args = parser.parse_args()
     if not os.environ.get("COMFYUI_PATH"):
         parser.error("set COMFYUI_PATH to a ComfyUI checkout: the step benchmark runs ComfyUI's own models")
-    sections = args.sections.split(",")
-    unknown = set(sections) - set(SECTIONS)
-    if unknown:
-        parser.error(f"unknown section {sorted(unknown)[0]!r}; expected some of {','.join(SECTIONS)}")
+    sections = args.sections
     pack = import_comfy(args.attention == "pytorch", args.vram, args.dynamic_vram)
     dtype = {"fp32": torch.float32, "fp16": torch.float16}[args.dtype]
     models = build(pack, dtype, args.override, args.channels) if {

@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import cli
 import report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -183,16 +184,14 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=4,
                         help="prompts before memory should be flat: at least a scenario's period (mixed: 4), so that "
                              "every pairing of workflow and XPSR file has run once")
-    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"some of {','.join(SCENARIOS)}")
+    parser.add_argument("--scenarios", type=cli.names_of(tuple(SCENARIOS), "scenario"), default=",".join(SCENARIOS),
+                        help=f"some of {','.join(SCENARIOS)}")
     parser.add_argument("--cache", choices=tuple(CACHES), default="classic", help="ComfyUI's output cache")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "soak")
     args = parser.parse_args()
     if not os.environ.get("COMFYUI_PATH"):
         parser.error("set COMFYUI_PATH to a ComfyUI checkout: the soak runs its server")
-    scenarios = args.scenarios.split(",")
-    unknown = set(scenarios) - set(SCENARIOS)
-    if unknown:
-        parser.error(f"unknown scenario {sorted(unknown)[0]!r}; expected some of {','.join(SCENARIOS)}")
+    scenarios = args.scenarios
     period = max(SCENARIOS[name].period for name in scenarios)
     if not period <= args.warmup < args.prompts:
         parser.error(f"--warmup must be at least {period} (the scenarios' period) and below --prompts "
