@@ -5,8 +5,9 @@
 # after every section, so a run cut short keeps what it measured. Results in benchmarks/results/gpu/<setting>/,
 # what ran and how long in runs.txt.
 #
-#   COMFYUI_PATH=/path/to/ComfyUI PYTHON=/path/to/venv/bin/python benchmarks/gpu.sh
+#   COMFYUI_PATH=/path/to/ComfyUI PYTHON=/path/to/venv/bin/python benchmarks/gpu.sh [setting ...]
 #
+# Named settings run alone (a rerun of one that failed); none named runs them all.
 # In order (the most wanted first, the compile last as it may not fit):
 #   pytorch   one CFG step at 512 and 2048 px (time and FLOP ratios over stock SD1.5 + ControlNet), a step's peak
 #             VRAM, the whole XPSR Sampler graph beside a stock ControlNet KSampler graph at 512 and 2048 px
@@ -30,8 +31,12 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt" || true
 : > "$OUT/runs.txt"
 
+only=" $* "
 run() {
     local name=$1; shift
+    if [[ "$only" != "  " && "$only" != *" $name "* ]]; then
+        return
+    fi
     local left=$((deadline - SECONDS)) start=$SECONDS rc=0
     if ((left < 60)); then
         echo "$name: not run, ${left} s of the budget left" | tee -a "$OUT/runs.txt"

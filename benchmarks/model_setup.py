@@ -5,6 +5,10 @@ Imported by the benchmark scripts (run as scripts, so this folder is on sys.path
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from collections.abc import Iterator
+
 import torch
 from torch.utils.flop_counter import register_flop_formula, sdpa_flop_count
 
@@ -26,3 +30,24 @@ def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             else:
                 p.fill_(1.0 if "norm" in name else 0.0)
     return module
+
+
+@contextlib.contextmanager
+def allocated_weights() -> Iterator[None]:
+    """Models built here get their weights allocated, as ComfyUI builds them without dynamic VRAM.
+
+    Under dynamic VRAM (ComfyUI 0.16 and later) ComfyUI's Linear and Embedding layers are
+    built with no weight, which only loading a state dict gives them; ``randomize`` fills
+    parameters in place, so the benchmarks' models are built as without it. That is the
+    state such a load leaves a model in (every weight a CPU tensor): the patchers, loading
+    and sampling still run under dynamic VRAM.
+    """
+    memory_management = sys.modules.get("comfy.memory_management")
+    deferring = getattr(memory_management, "aimdo_enabled", False)
+    if deferring:
+        memory_management.aimdo_enabled = False
+    try:
+        yield
+    finally:
+        if deferring:
+            memory_management.aimdo_enabled = True

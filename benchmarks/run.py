@@ -34,7 +34,7 @@ from pathlib import Path
 import cli
 import report
 import torch
-from model_setup import randomize
+from model_setup import allocated_weights, randomize
 from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,28 +139,30 @@ def build(pack, dtype: torch.dtype = torch.float32, override: bool = False, chan
     SFAControlNet, UNetConfig = core.SFAControlNet, core.UNetConfig
     unet, sd15 = unet_configs(pack, channels)
 
-    device, offload = mm.get_torch_device(), mm.unet_offload_device()
-    patcher = pack.nodes.host_compat.core_model_patcher()  # as ComfyUI's loaders and XPSR Loader hold their models
-    config = comfy.supported_models.SD15(dict(unet))
-    config.set_inference_dtype(dtype, None)
-    base = config.get_model({}, device=offload)
-    randomize(base.diffusion_model)
-    model = patcher(base, load_device=device, offload_device=offload)
-    if override:
-        model.model_options["transformer_options"]["optimized_attention_override"] = passthrough_override
+    with allocated_weights():
+        device, offload = mm.get_torch_device(), mm.unet_offload_device()
+        patcher = pack.nodes.host_compat.core_model_patcher()  # as ComfyUI's loaders and XPSR Loader hold their models
+        config = comfy.supported_models.SD15(dict(unet))
+        config.set_inference_dtype(dtype, None)
+        base = config.get_model({}, device=offload)
+        randomize(base.diffusion_model)
+        model = patcher(base, load_device=device, offload_device=offload)
+        if override:
+            model.model_options["transformer_options"]["optimized_attention_override"] = passthrough_override
 
-    stock_cn = randomize(comfy.cldm.cldm.ControlNet(hint_channels=3, dtype=dtype, **{
-        k: v for k, v in unet.items() if k != "transformer_depth_output"}), 1)
-    stock = comfy.controlnet.ControlNet(stock_cn, load_device=device)
+        stock_cn = randomize(comfy.cldm.cldm.ControlNet(hint_channels=3, dtype=dtype, **{
+            k: v for k, v in unet.items() if k != "transformer_depth_output"}), 1)
+        stock = comfy.controlnet.ControlNet(stock_cn, load_device=device)
 
-    settings = pack.nodes.model_files.LayerSettings(dtype, mm.unet_manual_cast(dtype, device), None)
-    layers = {k: v for k, v in settings.build_arguments().items() if k in ("attention", "operations")}
-    xpsr_cn = randomize(SFAControlNet(ControlNetConfig.from_dict(sd15 | {"use_lowlevel_prompt": True}), **layers,
-                                      dtype=dtype), 2)
-    conditional = randomize(ConditionalAttention(UNetConfig.from_dict(sd15), **layers, dtype=dtype), 3)
-    xpsr = pack.nodes.control.XPSRControlNet(xpsr_cn, dtype, load_device=device,
-                                             manual_cast_dtype=settings.manual_cast_dtype)
-    patched = pack.nodes.unet_patch.patch_model(model, patcher(conditional, load_device=device, offload_device=offload))
+        settings = pack.nodes.model_files.LayerSettings(dtype, mm.unet_manual_cast(dtype, device), None)
+        layers = {k: v for k, v in settings.build_arguments().items() if k in ("attention", "operations")}
+        xpsr_cn = randomize(SFAControlNet(ControlNetConfig.from_dict(sd15 | {"use_lowlevel_prompt": True}), **layers,
+                                          dtype=dtype), 2)
+        conditional = randomize(ConditionalAttention(UNetConfig.from_dict(sd15), **layers, dtype=dtype), 3)
+        xpsr = pack.nodes.control.XPSRControlNet(xpsr_cn, dtype, load_device=device,
+                                                 manual_cast_dtype=settings.manual_cast_dtype)
+        patched = pack.nodes.unet_patch.patch_model(
+            model, patcher(conditional, load_device=device, offload_device=offload))
     return model, stock, patched, xpsr
 
 
@@ -458,11 +460,12 @@ def clip_and_vae(dtype: torch.dtype):
     from comfy.ldm.models.autoencoder import AutoencoderKL
 
     target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
-    clip = comfy.sd.CLIP(target, model_options={"dtype": dtype})
-    randomize(clip.cond_stage_model, 4)
-    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
-                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
-    state = randomize(AutoencoderKL(ddconfig=ddconfig, embed_dim=4), 5).state_dict()
+    with allocated_weights():
+        clip = comfy.sd.CLIP(target, model_options={"dtype": dtype})
+        randomize(clip.cond_stage_model, 4)
+        ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                    "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+        state = randomize(AutoencoderKL(ddconfig=ddconfig, embed_dim=4), 5).state_dict()
     vae = comfy.sd.VAE(sd=state, config={"params": {"ddconfig": ddconfig, "embed_dim": 4}}, dtype=dtype)
     return clip, vae
 
@@ -521,7 +524,7 @@ def weight_memory(pack) -> dict:
     sd15 = importlib.import_module(f"{pack.__name__}.xpsr_core.models.sd15_configs").UNET
     sizes = {}
     for name, dtype in (("fp16", torch.float16), ("fp8_e4m3fn", torch.float8_e4m3fn)):
-        with torch.device("meta"):
+        with torch.device("meta"), allocated_weights():
             parts = [core.SFAControlNet(core.ControlNetConfig.from_dict(sd15 | {"use_lowlevel_prompt": True}),
                                         operations=comfy.ops.manual_cast, dtype=dtype),
                      core.ConditionalAttention(core.UNetConfig.from_dict(sd15), operations=comfy.ops.manual_cast,

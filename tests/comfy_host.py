@@ -38,6 +38,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 import comfy.model_management as mm  # noqa: E402
 import comfy.model_patcher  # noqa: E402
+import comfy.ops  # noqa: E402
 import comfy.patcher_extension  # noqa: E402
 import comfy.sd  # noqa: E402
 import comfy.sd1_clip  # noqa: E402
@@ -55,6 +56,13 @@ from xpsr_core.weights.checkpoint import convert_official, load_official  # noqa
 REPO = Path(__file__).resolve().parents[1]
 WORK = Path(tempfile.mkdtemp(prefix="xpsr_host_"))
 XPSR_FILE = "xpsr_tiny.safetensors"
+
+
+# Under dynamic VRAM (ComfyUI 0.16 and later) ComfyUI's Linear and Embedding layers are built with no weight until a
+# state dict is loaded into them.
+deferred_layer_weights = pytest.mark.host_feature(
+    "layers without weights until a state dict is loaded, under dynamic VRAM (ComfyUI 0.16 and later)",
+    hasattr(comfy.ops.disable_weight_init, "_lazy_load_from_state_dict"))
 
 
 def _random_init(module: torch.nn.Module, seed: int) -> torch.nn.Module:

@@ -6,14 +6,18 @@ Sampler and stock KSampler graphs through ComfyUI's executor, step timing, peak 
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 import comfy_host as H  # skips this module without COMFYUI_PATH
+
+import comfy.ops
 
 
 @pytest.mark.parametrize("dynamic_vram", [False, True], ids=["classic", "dynamic_vram_asked"])
@@ -37,3 +41,23 @@ def test_graph_benchmark_runs_the_xpsr_sampler_and_the_stock_controlnet_graph(tm
     assert results["dynamic_vram"] is False
     assert "Whole graphs" in (tmp_path / "results.md").read_text() and "dynamic VRAM off" in (
         tmp_path / "results.md").read_text()
+
+
+@H.deferred_layer_weights
+def test_benchmark_models_have_every_weight_and_step_where_dynamic_vram_builds_layers_without_them(monkeypatch):
+    """Under dynamic VRAM ComfyUI's Linear and Embedding layers are built with no weight; the benchmarks fill random
+    weights in place, so they must build theirs allocated (on an H200, gpu.sh's dynamic VRAM run crashed at the
+    first ControlNet layer before they did)."""
+    monkeypatch.syspath_prepend(str(H.REPO / "benchmarks"))
+    run = importlib.import_module("run")
+    monkeypatch.setattr(importlib.import_module("comfy.memory_management"), "aimdo_enabled", True)
+    assert comfy.ops.disable_weight_init.Linear(2, 2).weight is None  # what dynamic VRAM does to a layer
+    pack = sys.modules[H.pack_module("nodes").__name__.rpartition(".")[0]]
+    model, stock, patched, xpsr = run.build(pack, channels=32)
+    clip, _ = run.clip_and_vae(torch.float32)
+    modules = {"unet": model.model, "stock controlnet": stock.control_model, "xpsr controlnet": xpsr.control_model,
+               "conditional attention": patched.get_additional_models()[0].model, "clip": clip.cond_stage_model}
+    for name, module in modules.items():
+        assert [n for n, m in module.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))
+                and m.weight is None] == [], name
+    assert run.one_step(patched, xpsr, 8, True) > 0

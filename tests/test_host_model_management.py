@@ -6,6 +6,7 @@ its ControlNets, and sharing nothing mutable between two XPSR MODELs of one grap
 from __future__ import annotations
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ import comfy_host as H  # skips this module without COMFYUI_PATH
 
 import comfy.controlnet
 import comfy.model_patcher
+import comfy.ops
 import comfy.utils
 
 from parity import assert_parity, parity_fixture
@@ -64,6 +66,27 @@ def test_every_weight_of_xpsr_parts_lies_in_a_layer_whose_weights_comfyui_casts(
         assert len(holders) > 50, part
         assert [name for name, m in holders.items() if not hasattr(m, "comfy_cast_weights")] == [], part
     assert not hasattr(torch.nn.Linear(1, 1), "comfy_cast_weights")  # what the check tells apart
+
+
+@H.deferred_layer_weights
+@pytest.mark.parametrize("weight_dtype", ["auto", "fp8_e4m3fn"])
+def test_xpsr_parts_get_every_weight_where_dynamic_vram_builds_layers_without_them(monkeypatch, weight_dtype: str):
+    """Under dynamic VRAM ComfyUI's Linear layers are built with no weight, which only a state dict loaded into
+    them gives (a benchmark that filled parameters in place crashed on an H200 at the first step): XPSR Loader's
+    parts come out with the same weights as without dynamic VRAM."""
+    loader = H.pack_module("nodes.loader").XPSRLoader
+    whole = {part: module.state_dict() for part, module in parts(*loader.execute(
+        H.make_model(), H.XPSR_FILE, weight_dtype).args).items()}
+    monkeypatch.setattr(importlib.import_module("comfy.memory_management"), "aimdo_enabled", True)
+    assert comfy.ops.disable_weight_init.Linear(2, 2).weight is None  # what dynamic VRAM does to a layer
+    deferred = parts(*loader.execute(H.make_model(), H.XPSR_FILE, weight_dtype).args)
+    for part, module in deferred.items():
+        assert [name for name, m in module.named_modules() if isinstance(m, torch.nn.Linear) and m.weight is None
+                ] == [], part
+        state = module.state_dict()
+        assert state.keys() == whole[part].keys(), part
+        assert all(torch.equal(state[k], whole[part][k]) and state[k].dtype == whole[part][k].dtype
+                   for k in state), part
 
 
 def perturbed_copy(name: str) -> str:
