@@ -13,9 +13,11 @@ from .color_fix import XPSRColorFix
 from .loader import XPSRLoader
 from .prompt_encode import XPSRDualPromptEncode
 from .sampler import XPSRSampler
+from .tile_grid import XPSRTileGrid
 
 NODES: list[type[io.ComfyNode]] = [XPSRLoader, XPSRDualPromptEncode, XPSRApply, XPSRSampler, XPSRMLLMLoader,
-                                   XPSRCaption, XPSRCaptionDataset, XPSRLoadCaptionedImages, XPSRColorFix]
+                                   XPSRCaption, XPSRCaptionDataset, XPSRLoadCaptionedImages, XPSRColorFix,
+                                   XPSRTileGrid]
 
 
 class XPSRExtension(ComfyExtension):

@@ -7,6 +7,7 @@ from comfy_api.latest import io
 
 from ..xpsr_core.pipeline.image import to_rgb
 from .common import CATEGORY, XPSRControlNetType
+from .tile_prompts import refuse_tile_prompts
 
 
 def attach_control(positive: list, negative: list, control, image, strength: float, start_percent: float = 0.0,
@@ -53,5 +54,6 @@ class XPSRApply(io.ComfyNode):
     @classmethod
     def execute(cls, positive, negative, xpsr_controlnet, image, strength: float, start_percent: float,
                 end_percent: float) -> io.NodeOutput:
+        refuse_tile_prompts("XPSR Apply", positive=positive, negative=negative)
         return io.NodeOutput(*attach_control(positive, negative, xpsr_controlnet, image, strength, start_percent,
                                              end_percent))

@@ -1,5 +1,5 @@
-"""What every XPSR node shares: the category, the XPSR_CONTROLNET socket type, the keys under which XPSR's tensors
-travel through ComfyUI, dtype choices, model folders."""
+"""What every XPSR node shares: the category, the XPSR_CONTROLNET and XPSR_TILE_GRID socket types, the keys under
+which XPSR's tensors travel through ComfyUI, dtype choices, model folders."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from comfy_api.latest import io
 
 CATEGORY = "image/upscaling/XPSR"
 XPSRControlNetType = io.Custom("XPSR_CONTROLNET")
+XPSRTileGridType = io.Custom("XPSR_TILE_GRID")
+"""xpsr_core's TileGrid: where XPSR Sampler's latent tiles lie in the processed image."""
 
 LOWLEVEL_KEY = "xpsr_lowlevel"
 """The model_conds key that carries the low-level prompt embedding c_l."""

@@ -9,6 +9,7 @@ made on the texts, so each distinct prompt list is encoded once.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -18,7 +19,9 @@ from comfy_api.latest import io
 
 from ..xpsr_core.pipeline.guidance import LOWLEVEL_CFG_MODES, cfg_branches
 from ..xpsr_core.pipeline.prompts import ADDED_PROMPT, NEGATIVE_HIGH, NEGATIVE_LOW, high_level_prompt
-from .common import CATEGORY, LOWLEVEL_KEY
+from ..xpsr_core.pipeline.tiling import TileGrid
+from .common import CATEGORY, LOWLEVEL_KEY, XPSRTileGridType
+from .tile_prompts import allowed_counts, split_by_tile
 
 TOKEN_MODES = ("official", "comfy")
 
@@ -36,12 +39,18 @@ def official_tokens(clip, text: str) -> dict:
     return {tokenizer.clip_name: [[(t, 1.0) for t in row]]}
 
 
-def encode(clip, texts: list[str], token_mode: str) -> list:
+def encode_texts(clip, texts: Iterable[str], token_mode: str) -> dict[str, list]:
+    """Each distinct text's CONDITIONING, encoded once: per-image and per-tile lists repeat texts (the negative
+    prompts in every tile)."""
+    return {t: clip.encode_from_tokens_scheduled(official_tokens(clip, t) if token_mode == "official"
+                                                 else clip.tokenize(t)) for t in dict.fromkeys(texts)}
+
+
+def stacked(encoded: dict[str, list], texts: Sequence[str]) -> list:
     """One CONDITIONING for several prompts: entry tensors stacked along the batch, one row per prompt."""
-    encoded = [clip.encode_from_tokens_scheduled(official_tokens(clip, t) if token_mode == "official"
-                                                 else clip.tokenize(t)) for t in texts]
-    return [[_stack([e[i][0] for e in encoded]), {**encoded[0][i][1], "pooled_output": _stack(
-        [e[i][1]["pooled_output"] for e in encoded])}] for i in range(len(encoded[0]))]
+    rows = [encoded[t] for t in texts]
+    return [[_stack([e[i][0] for e in rows]), {**rows[0][i][1], "pooled_output": _stack(
+        [e[i][1]["pooled_output"] for e in rows])}] for i in range(len(rows[0]))]
 
 
 def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -52,12 +61,20 @@ def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.repeat(1, length // t.shape[1], 1) if length else t for t in tensors])
 
 
-def per_image(name: str, values: list[str], count: int) -> list[str]:
-    """A prompt list broadcast to ``count`` prompts (one for all, or one per image)."""
-    if len(values) not in (1, count):
-        raise ValueError(f"{name} has {len(values)} prompts while other prompts have {count}; expected one prompt for "
-                         "all images or one per image")
-    return values * (count // len(values))
+def prompt_count(prompts: dict[str, list[str]], grid: TileGrid | None) -> int:
+    """How many prompts every list is broadcast to: one for all, or one per image; with a tile grid of several
+    tiles, one per tile (of each image). Any other count would silently pair the wrong prompts."""
+    count = max(len(v) for v in prompts.values())
+    allowed = (1, count) if grid is None else allowed_counts(grid)
+    for name, values in prompts.items():
+        if len(values) not in allowed or len(values) not in (1, count):
+            if grid is None:
+                raise ValueError(f"{name} has {len(values)} prompts while other prompts have {count}; expected one "
+                                 "prompt for all images or one per image")
+            raise ValueError(f"{name} has {len(values)} prompts; with tile_grid ({grid.describe()}, "
+                             f"{grid.images} image(s)) expected {' or '.join(map(str, allowed))}: one for all "
+                             "tiles or one per tile of each image, the same count in every list")
+    return count
 
 
 def with_lowlevel(conditioning: list, lowlevel: list) -> list:
@@ -103,6 +120,11 @@ class XPSRDualPromptEncode(io.ComfyNode):
                 io.Combo.Input("lowlevel_cfg", options=list(LOWLEVEL_CFG_MODES), default="official",
                                tooltip="official: the negative branch gets negative_low, as the released pipeline. "
                                        "paper: the low-level prompt is kept in both branches (Eq. 6)."),
+                XPSRTileGridType.Input("tile_grid", optional=True,
+                                       tooltip="From XPSR Tile Grid: the prompt lists are then one per latent tile "
+                                               "(one list entry per tile, image by image), so each tile of XPSR "
+                                               "Sampler gets its own c_h and c_l. A single prompt still means the "
+                                               "same for every tile."),
             ],
             outputs=[
                 io.Conditioning.Output(display_name="positive",
@@ -115,18 +137,20 @@ class XPSRDualPromptEncode(io.ComfyNode):
     @classmethod
     def execute(cls, clip: list, high_level: list[str], low_level: list[str], added_prompt: list[str],
                 negative_high: list[str], negative_low: list[str], token_mode: list[str],
-                lowlevel_cfg: list[str]) -> io.NodeOutput:
+                lowlevel_cfg: list[str], tile_grid: list[TileGrid] | None = None) -> io.NodeOutput:
         clip, added, mode, cfg_mode = clip[0], added_prompt[0], token_mode[0], lowlevel_cfg[0]
         if mode not in TOKEN_MODES:
             raise ValueError(f"token_mode is {mode!r}; expected one of {TOKEN_MODES}")
+        grid = tile_grid[0] if tile_grid else None
         prompts = {"high_level": high_level, "low_level": low_level, "negative_high": negative_high,
                    "negative_low": negative_low}
-        count = max(len(v) for v in prompts.values())
-        prompts = {name: per_image(name, values, count) for name, values in prompts.items()}
+        count = prompt_count(prompts, grid)
+        prompts = {name: values * (count // len(values)) for name, values in prompts.items()}
         branches = cfg_branches(tuple(high_level_prompt(t, added) for t in prompts["high_level"]),
                                 tuple(t.strip() for t in prompts["low_level"]), tuple(prompts["negative_high"]),
                                 tuple(prompts["negative_low"]), cfg_mode)
-        distinct = dict.fromkeys(prompt for branch in branches for prompt in branch)
-        encoded = {prompt: encode(clip, list(prompt), mode) for prompt in distinct}
-        positive, negative = (with_lowlevel(encoded[high], encoded[low]) for high, low in branches)
+        encoded = encode_texts(clip, (text for branch in branches for prompt in branch for text in prompt), mode)
+        positive, negative = (with_lowlevel(stacked(encoded, high), stacked(encoded, low)) for high, low in branches)
+        if grid is not None and grid.count > 1 and count > 1:
+            positive, negative = split_by_tile(positive, grid), split_by_tile(negative, grid)
         return io.NodeOutput(positive, negative)

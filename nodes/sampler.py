@@ -14,6 +14,7 @@ from comfy_api.latest import io
 from ..xpsr_core.pipeline.color import COLOR_FIX_CHOICES
 from ..xpsr_core.pipeline.color import color_fix as apply_color_fix
 from ..xpsr_core.pipeline.image import pipeline_bytes, resize, to_rgb, upscale_for_processing
+from ..xpsr_core.pipeline.tiling import processing_tile_grid
 from .apply import attach_control
 from .common import CATEGORY, XPSRControlNetType
 from .sampling import (
@@ -27,6 +28,8 @@ from .sampling import (
     vae_decode,
     vae_encode,
 )
+from .tile_grid import check_tile_settings, process_size_input, scale_input, tile_overlap_input, tile_size_input
+from .tile_prompts import check_tile_prompts
 from .tiled_sampling import TiledCondBatch
 
 TILES_KEY = "xpsr_latent_tiles"
@@ -82,11 +85,8 @@ class XPSRSampler(io.ComfyNode):
                 io.Image.Input("image", tooltip="The low-resolution image (batches, any size; alpha is dropped, "
                                                 "grayscale expanded)."),
                 io.Vae.Input("vae", tooltip="SD1.5's VAE."),
-                io.Float.Input("scale", default=4.0, min=1.0, max=16.0, step=0.5,
-                               tooltip="Output size = LR size x scale (official 4)."),
-                io.Int.Input("process_size", default=512, min=64, max=4096, step=8,
-                             tooltip="The upscaled image's short side is raised to at least this before diffusion "
-                                     "(official 512); the result is resized back to LR size x scale."),
+                scale_input(),
+                process_size_input(),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the start noise and of stochastic samplers."),
                 io.Int.Input("steps", default=20, min=1, max=1000, tooltip="Sampling steps (official 20, paper 50)."),
@@ -106,11 +106,8 @@ class XPSRSampler(io.ComfyNode):
                                tooltip="img2img start only: the part of the schedule that is run."),
                 io.Float.Input("control_strength", default=1.0, min=0.0, max=10.0, step=0.01,
                                tooltip="ControlNet conditioning scale (official 1.0)."),
-                io.Int.Input("tile_size", default=320, min=8, max=4096, step=8,
-                             tooltip="Latents with more than tile_size^2 pixels are denoised in overlapping square "
-                                     "tiles of this many latent pixels (official 320, i.e. 2560 px)."),
-                io.Int.Input("tile_overlap", default=8, min=0, max=512, step=1,
-                             tooltip="Overlap of the latent tiles (official 8), blended with Gaussian weights."),
+                tile_size_input(),
+                tile_overlap_input(),
                 io.Combo.Input("vae_tiling", options=list(VAE_TILING), default="auto",
                                tooltip="ComfyUI's tiled VAE encode/decode; auto tiles where the official pipeline "
                                        "does (images above 1088 px to encode, above ~1968 px to decode)."),
@@ -129,11 +126,12 @@ class XPSRSampler(io.ComfyNode):
                 seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str, start: str, denoise: float,
                 control_strength: float, tile_size: int, tile_overlap: int, vae_tiling: str,
                 color_fix: str) -> io.NodeOutput:
-        if tile_overlap >= tile_size:
-            raise ValueError(f"tile_overlap is {tile_overlap}; expected less than tile_size ({tile_size})")
+        check_tile_settings(tile_size, tile_overlap)
         lr = check_image(image)
         check_prompts(lr.shape[0], positive=positive, negative=negative)
         check_memory(lr.shape[0], lr.shape[-2], lr.shape[-1], scale, process_size)
+        check_tile_prompts(processing_tile_grid(lr.shape[-2], lr.shape[-1], scale, process_size, tile_size,
+                                                tile_overlap, lr.shape[0]), positive=positive, negative=negative)
         upscaled = upscale_for_processing(lr, scale, process_size)
         lr_latent = vae_encode(vae, upscaled.movedim(1, -1), vae_tiling)
         positive, negative = attach_control(positive, negative, xpsr_controlnet, upscaled.movedim(1, -1),

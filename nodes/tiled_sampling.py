@@ -3,7 +3,8 @@
 A CALC_COND_BATCH wrapper splits each model evaluation into the official tile grid; the
 tiles run through ComfyUI's own cond batching, as many per model call as memory allows,
 with their ControlNets' hints cropped to each tile, and the predictions are blended with
-the official Gaussian weights. The sampler itself (any of ComfyUI's) never knows.
+the official Gaussian weights. The sampler itself (any of ComfyUI's) never knows. Per-tile
+prompts (tile_prompts) give each tile's model call that tile's c_h and c_l.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import comfy.utils
 from ..xpsr_core.pipeline.tiling import Box, GaussianBlend, needs_tiling, stack_tiles, tile_boxes
 from .control import XPSRControlNet
 from .host_compat import device_clones
+from .tile_prompts import TILE_PROMPTS_KEY, tile_indices
 
 
 def full_hint(control: comfy.controlnet.ControlNet, height: int, width: int) -> torch.Tensor:
@@ -66,6 +68,9 @@ class TiledCondBatch:
     def __call__(self, executor, model, conds, x_in, timestep, model_options):
         height, width = x_in.shape[-2:]
         if not needs_tiling(height, width, self.tile):
+            whole = [Box(0, height, 0, width)]
+            for d in (d for c in conds if c is not None for d in c if TILE_PROMPTS_KEY in d):
+                tile_indices(d[TILE_PROMPTS_KEY].grid, whole, whole)
             return executor(model, conds, x_in, timestep, model_options)
         boxes = tile_boxes(height, width, self.tile, self.overlap)
         blend = GaussianBlend(x_in, len(conds), boxes[0].y1 - boxes[0].y0)
@@ -73,8 +78,8 @@ class TiledCondBatch:
         for start in range(0, len(boxes), per_call):
             comfy.model_management.throw_exception_if_processing_interrupted()
             group = tuple(boxes[start:start + per_call])
-            tile_conds = [None if c is None else [self._tile_cond(d, group, x_in.shape[0], height, width) for d in c]
-                          for c in conds]
+            tile_conds = [None if c is None else [self._tile_cond(d, boxes, group, x_in.shape[0], height, width)
+                                                  for d in c] for c in conds]
             blend.add(group, executor(model, tile_conds, stack_tiles(x_in, group), timestep.repeat(len(group)),
                                       model_options))
             for _ in group:
@@ -82,7 +87,11 @@ class TiledCondBatch:
                 self.on_tile()
         return blend.result()
 
-    def _tile_cond(self, cond: dict, group: tuple[Box, ...], batch: int, height: int, width: int) -> dict:
+    def _tile_cond(self, cond: dict, boxes: list[Box], group: tuple[Box, ...], batch: int, height: int,
+                   width: int) -> dict:
+        tiles = cond.get(TILE_PROMPTS_KEY)
+        if tiles is not None:
+            cond = tiles.for_tiles(cond, tile_indices(tiles.grid, boxes, group), batch)
         if cond.get("control") is None:
             return cond
         if "area" in cond or "mask" in cond:

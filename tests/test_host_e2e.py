@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import comfy_host as H  # skips this module without COMFYUI_PATH
 
@@ -54,19 +55,32 @@ def defaults(node_id: str) -> dict:
     return {name: options["default"] for name, (_, *rest) in spec.items() for options in rest if "default" in options}
 
 
-def e2e_graph(case: E2ECase, lr_name: str) -> dict:
+def e2e_graph(case: E2ECase, lr_name: str, per_tile: bool = False) -> dict:
+    """The case's graph; ``per_tile`` gives every latent tile its own copy of the case's prompts, through XPSR Tile
+    Grid and Dual Prompt Encode's tile_grid, which must change nothing."""
     s = case.settings
-    sampler = defaults("XPSRSampler") | {
-        "scale": float(s["upscale"]), "process_size": s["process_size"], "seed": s["seed"], "steps": s["steps"],
-        "cfg": s["guidance"], "control_strength": s["cond_scale"], "tile_size": s["latent_tile"],
-        "tile_overlap": s["latent_overlap"]}
-    return {
+    grid = {"scale": float(s["upscale"]), "process_size": s["process_size"], "tile_size": s["latent_tile"],
+            "tile_overlap": s["latent_overlap"]}
+    sampler = defaults("XPSRSampler") | grid | {
+        "seed": s["seed"], "steps": s["steps"], "cfg": s["guidance"], "control_strength": s["cond_scale"]}
+    tiles = {}
+    if per_tile:
+        lr = Image.open(Path(H.folder_paths.get_input_directory()) / lr_name)
+        count = H.pack_module("xpsr_core.pipeline.tiling").processing_tile_grid(
+            lr.height, lr.width, grid["scale"], grid["process_size"], grid["tile_size"], grid["tile_overlap"]).count
+        assert count > 1, "the case is not tiled"
+        tiles = {"9": {"class_type": "XPSRTileGrid", "inputs": grid | {"image": ["4", 0]}},
+                 "10": {"class_type": "XPSRTestLines", "inputs": {"text": "|".join([s["high"]] * count)}},
+                 "11": {"class_type": "XPSRTestLines", "inputs": {"text": "|".join([s["low"]] * count)}}}
+    prompts = {"high_level": ["10", 0], "low_level": ["11", 0], "tile_grid": ["9", 0]} if per_tile else {
+        "high_level": s["high"], "low_level": s["low"]}
+    return tiles | {
         "1": {"class_type": "XPSRTestDiffusersSD15", "inputs": {"base": str(FIXTURE.base),
                                                                 "checkpoint": str(FIXTURE.checkpoint)}},
         "2": {"class_type": "XPSRLoader", "inputs": {"model": ["1", 0], "xpsr_model": CHECKPOINT_FOLDER,
                                                       "weight_dtype": "auto"}},
         "3": {"class_type": "XPSRDualPromptEncode", "inputs": defaults("XPSRDualPromptEncode") | {
-            "clip": ["1", 1], "high_level": s["high"], "low_level": s["low"]}},
+            "clip": ["1", 1]} | prompts},
         "4": {"class_type": "LoadImage", "inputs": {"image": lr_name}},
         "5": {"class_type": "XPSRSampler", "inputs": sampler | {
             "model": ["2", 0], "xpsr_controlnet": ["2", 1], "positive": ["3", 0], "negative": ["3", 1],
@@ -90,10 +104,12 @@ def official_inputs() -> None:
                     Path(H.folder_paths.get_input_directory()) / f"xpsr_e2e_{name}_lr.png")
 
 
-@pytest.fixture(scope="module", params=FIXTURE.case_names)
+@pytest.fixture(scope="module", params=[*FIXTURE.case_names, "tiled, per-tile prompts"])
 def run(request, official_inputs) -> dict:
-    """One case through the nodes: the executor's outputs and the latent after every DDPM step."""
-    case = FIXTURE.case(request.param)
+    """One case through the nodes: the executor's outputs and the latent after every DDPM step. The tiled case also
+    runs with per-tile prompts, every tile's the case's own, against the same oracle."""
+    name, per_tile = request.param.removesuffix(", per-tile prompts"), request.param.endswith("per-tile prompts")
+    case = FIXTURE.case(name)
     draws = RecordedDraws(case.draws())
     steps = []
     ddpm_step = comfy.k_diffusion.sampling.DDPMSampler_step
@@ -106,7 +122,7 @@ def run(request, official_inputs) -> dict:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch, "randn", draws)
         patch.setattr(comfy.k_diffusion.sampling, "DDPMSampler_step", recording_step)
-        executor, _ = H.run_ok(e2e_graph(case, f"xpsr_e2e_{case.name}_lr.png"))
+        executor, _ = H.run_ok(e2e_graph(case, f"xpsr_e2e_{case.name}_lr.png", per_tile))
     return {"case": case, "executor": executor, "steps": steps, "draws_served": draws.served}
 
 

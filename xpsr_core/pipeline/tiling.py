@@ -5,6 +5,9 @@ square tiles overlapping by 8 px; at every step each tile gets its own ControlNe
 pass, and the predictions are averaged with Gaussian weights. The weights' centre is
 (T-1)/2 across but T/2 down, a quirk inherited from PASD/SeeSR that is kept so results
 match.
+
+A ``TileGrid`` places those tiles in the processed image (the LR image resized to the size
+the diffusion runs at), so that a captioner cuts the tiles the sampler will denoise.
 """
 
 from __future__ import annotations
@@ -14,6 +17,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from .image import processing_steps
+
+LATENT_FACTOR = 8
+"""Image pixels per latent pixel (SD1.5's VAE)."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,53 @@ def tile_boxes(height: int, width: int, tile: int, overlap: int) -> list[Box]:
     overlap = min(overlap, tile - 1)
     return [Box(y, y + tile, x, x + tile)
             for x in _offsets(width, tile, overlap) for y in _offsets(height, tile, overlap)]
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """The tiles XPSR Sampler denoises an image in, as boxes in pixels of the processed image (height x width).
+
+    ``tile`` and ``overlap`` are the sampler's latent sizes; an image that is not tiled is
+    one box covering it. ``images`` is the batch the grid was made for.
+    """
+
+    height: int
+    width: int
+    tile: int
+    overlap: int
+    boxes: tuple[Box, ...]
+    images: int = 1
+
+    @property
+    def count(self) -> int:
+        return len(self.boxes)
+
+    def same_tiles(self, other: TileGrid) -> bool:
+        return (self.height, self.width, self.boxes) == (other.height, other.width, other.boxes)
+
+    def describe(self) -> str:
+        """The grid in words, for errors that name two grids."""
+        if self.count == 1:
+            return (f"one tile, the whole {self.width}x{self.height} px processed image (tile_size {self.tile} "
+                    f"latent px)")
+        side = self.boxes[0].y1 - self.boxes[0].y0
+        columns, rows = len({b.x0 for b in self.boxes}), len({b.y0 for b in self.boxes})
+        return (f"{columns}x{rows} tiles of {side} px over a {self.width}x{self.height} px processed image "
+                f"(tile_size {self.tile}, tile_overlap {self.overlap} latent px)")
+
+
+def processing_tile_grid(lr_height: int, lr_width: int, scale: float, process_size: int, tile: int, overlap: int,
+                         images: int = 1) -> TileGrid:
+    """The grid XPSR Sampler uses for an LR image of lr_height x lr_width with these settings.
+
+    The sampler's tiler cuts the latent of the processed image with ``tile_boxes``; this is
+    the same call on that latent's size, scaled to image pixels. Captioners cut tiles with it.
+    """
+    height, width, _ = processing_steps(lr_height, lr_width, scale, process_size)[-1]
+    latent_height, latent_width = height // LATENT_FACTOR, width // LATENT_FACTOR
+    boxes = (tile_boxes(latent_height, latent_width, tile, overlap) if needs_tiling(latent_height, latent_width, tile)
+             else [Box(0, latent_height, 0, latent_width)])
+    return TileGrid(height, width, tile, overlap, tuple(b.scaled(LATENT_FACTOR) for b in boxes), images)
 
 
 def gaussian_weights(size: int) -> torch.Tensor:
