@@ -17,6 +17,8 @@
 #             whether it did start
 #   lowvram, novram   the same whole graphs and step VRAM under ComfyUI's --lowvram / --novram
 #   pytorch_override   the step with a passthrough attention override (what sage/flash patch nodes install)
+#   caption_tiles   captioning time per megapixel, whole image vs per latent tile, with the VLM folder in
+#             XPSR_CAPTION_MODEL if set (a real-size one, fp16), else tiny LLaVA
 #   compile   TorchCompileModel's first and steady step, XPSR over stock
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -55,5 +57,6 @@ run dynamic_vram --dynamic-vram --sections graph,step_memory
 run lowvram --vram lowvram --sections graph,step_memory
 run novram --vram novram --sections graph,step_memory
 run pytorch_override --override --sections step
+run caption_tiles --sections caption_tiles ${XPSR_CAPTION_MODEL:+--caption-model "$XPSR_CAPTION_MODEL"}
 run compile --sections compile
 cat "$OUT/runs.txt" "$OUT"/*/results.md 2>/dev/null

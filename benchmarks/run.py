@@ -10,10 +10,11 @@ of a whole step per output pixel; the time of a tiled step per megapixel from 51
 (per output and per processed tile pixel: the official grid overlaps); with TorchCompileModel,
 the first (compiling) and the steady step of XPSR over the stock model, with Dynamo's graph,
 graph-break and recompile counts; a tiled step with one tile per model call over as many as
-memory allows; the XPSR weights' bytes in fp8 over fp16; and the captioning time per image
-with the MLLM's load/unload overhead; and whole graphs through ComfyUI's executor, the XPSR
-Sampler graph beside a stock SD1.5 + ControlNet KSampler graph, with their peak memory and
-time per step (per VRAM launch flag, and with or without dynamic VRAM, one process each).
+memory allows; the XPSR weights' bytes in fp8 over fp16; the captioning time per image
+with the MLLM's load/unload overhead; captioning per latent tile against the whole image,
+per megapixel; and whole graphs through ComfyUI's executor, the XPSR Sampler graph beside
+a stock SD1.5 + ControlNet KSampler graph, with their peak memory and time per step (per
+VRAM launch flag, and with or without dynamic VRAM, one process each).
 SD1.5 sizes, random weights built in memory, the XPSR parts from ComfyUI's ops as XPSR Loader
 builds them. Results go to results.json and results.md.
 """
@@ -597,6 +598,47 @@ def caption_batching(pack, sizes: tuple[int, ...] = (1, 4, 16), images: int = 16
     return rows
 
 
+def caption_tiles(pack, lr_sides: tuple[int, ...] = (128, 256, 512), tile: int = 64, overlap: int = 8,
+                  tokens: int = 16, batch: int = 8, model_folder: Path | None = None,
+                  dtype: torch.dtype = torch.float32) -> dict:
+    """Captioning an LR image whole and per latent tile (XPSR Tile Grid's crops of the processed image, both
+    instructions, greedy, ``batch`` pictures per generate call): seconds per megapixel of the processed image, and
+    per tile over whole, in one run. The captioner is tiny LLaVA, or the model folder given (a real-size one). A VLM
+    resizes every picture to its own input size, so a caption costs about the same whatever its pixels: the ratio
+    follows the tile count."""
+    import tempfile
+
+    sys.path.insert(0, str(REPO / "tests"))
+    import tiny_vlm
+
+    mllm = importlib.import_module(f"{pack.__name__}.xpsr_core.captioning.mllm")
+    captions = importlib.import_module(f"{pack.__name__}.xpsr_core.captioning.captions")
+    tiling = importlib.import_module(f"{pack.__name__}.xpsr_core.pipeline.tiling")
+    folder = model_folder or tiny_vlm.build_llava(Path(tempfile.mkdtemp(prefix="bench_tiles_")) / "llava")
+    model = mllm.load_caption_model(folder, dtype if model_folder else torch.float32)
+    asked = [(captions.HIGH_LEVEL_INSTRUCTION, mllm.Decoding(tokens)), (captions.LOW_LEVEL_INSTRUCTION,
+                                                                         mllm.Decoding(tokens))]
+    to_pil = pack.nodes.caption.to_pil
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for side in lr_sides:
+        lr = torch.rand(1, side, side, 3, generator=g)
+        grid = tiling.processing_tile_grid(side, side, 4.0, 512, tile, overlap)
+        crops = pack.nodes.tile_grid.tile_crops(lr, grid, 4.0, 512)
+        pictures = {"whole": [to_pil(lr[0])], "tiles": [to_pil(c) for c in crops]}
+        seconds = {}
+        for name, batch_pictures in pictures.items():
+            list(mllm.caption_rows(model, batch_pictures[:1], asked, batch))  # CPU kernels warm up per shape
+            start = time.perf_counter()
+            list(mllm.caption_rows(model, batch_pictures, asked, batch))
+            seconds[name] = time.perf_counter() - start
+        megapixels = grid.height * grid.width / 1e6
+        rows.append({"output_px": grid.width, "tiles": grid.count, "megapixels": megapixels,
+                     "whole_s_per_mp": seconds["whole"] / megapixels, "tiles_s_per_mp": seconds["tiles"] / megapixels,
+                     "tiles_over_whole": seconds["tiles"] / seconds["whole"]})
+    return {"model": model_folder.name if model_folder else "tiny LLaVA", "rows": rows}
+
+
 ATTENTION_PROBE = textwrap.dedent("""
     import sys, torch
     from xpsr_core.models.attention import Transformer2D
@@ -633,7 +675,7 @@ def attention_memory(sides: list[int]) -> list[dict]:
 
 
 SECTIONS = ("attention_memory", "step", "step_memory", "tiled", "compile", "tile_batching", "graph", "weight_memory",
-            "caption", "caption_batching")
+            "caption", "caption_batching", "caption_tiles")
 
 
 def markdown(results: dict) -> str:
@@ -705,6 +747,12 @@ def markdown(results: dict) -> str:
                   "| images per batch | captions/s | over batch 1 |", "|---|---|---|"]
         lines += [f"| {r['batch']} | {r['captions_per_second']:.2f} | {r['speedup']:.2f} |"
                   for r in results["caption_batching"]]
+    if "caption_tiles" in results:
+        lines += ["", f"## Captions per latent tile vs of the whole image ({results['caption_tiles']['model']}, both "
+                  "instructions, greedy)", "",
+                  "| output | tiles | whole s/MP | per tile s/MP | per tile / whole |", "|---|---|---|---|---|"]
+        lines += [f"| {r['output_px']} px | {r['tiles']} | {r['whole_s_per_mp']:.3f} | {r['tiles_s_per_mp']:.3f} | "
+                  f"{r['tiles_over_whole']:.2f} |" for r in results["caption_tiles"]["rows"]]
     return "\n".join(lines) + "\n"
 
 
@@ -739,6 +787,8 @@ def main() -> int:
                         help="install a passthrough optimized_attention_override on the MODELs (as sage/flash "
                              "nodes do)")
     parser.add_argument("--vram", choices=("lowvram", "novram"), help="ComfyUI's VRAM launch flag")
+    parser.add_argument("--caption-model", type=Path,
+                        help="a real-size VLM folder (transformers) for the caption_tiles section; tiny LLaVA without")
     parser.add_argument("--dynamic-vram", action="store_true",
                         help="start ComfyUI's dynamic VRAM as its main.py does (0.16 and later, NVIDIA); without it "
                              "the models run as under --disable-dynamic-vram")
@@ -766,6 +816,8 @@ def main() -> int:
         "weight_memory": lambda: weight_memory(pack),
         "caption": lambda: caption_cost(pack),
         "caption_batching": lambda: caption_batching(pack),
+        "caption_tiles": lambda: caption_tiles(pack, tile=args.tile, overlap=args.overlap,
+                                               model_folder=args.caption_model, dtype=dtype),
     }
     results = {"device": str(sys.modules["comfy.model_management"].get_torch_device()), "torch": torch.__version__,
                "attention_backend": args.attention, "dtype": args.dtype, "channels": args.channels,

@@ -61,3 +61,19 @@ def test_benchmark_models_have_every_weight_and_step_where_dynamic_vram_builds_l
         assert [n for n, m in module.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))
                 and m.weight is None] == [], name
     assert run.one_step(patched, xpsr, 8, True) > 0
+
+
+def test_caption_tiles_benchmark_captions_the_sampler_grids_tiles(tmp_path):
+    """benchmarks/run.py --sections caption_tiles: whole image against XPSR Tile Grid's tiles, per megapixel."""
+    run = subprocess.run(
+        [sys.executable, str(H.REPO / "benchmarks" / "run.py"), "--sections", "caption_tiles", "--out", str(tmp_path)],
+        capture_output=True, text=True, cwd=H.REPO, env=os.environ | {"COMFYUI_PATH": H.COMFYUI_PATH}, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    results = json.loads((tmp_path / "results.json").read_text())["caption_tiles"]
+    grid = H.pack_module("xpsr_core.pipeline.tiling").processing_tile_grid
+    assert results["model"] == "tiny LLaVA"
+    assert [(r["output_px"], r["tiles"]) for r in results["rows"]] == [
+        (side * 4, grid(side, side, 4.0, 512, 64, 8).count) for side in (128, 256, 512)] == [
+        (512, 1), (1024, 9), (2048, 25)]
+    assert all(r["whole_s_per_mp"] > 0 and r["tiles_over_whole"] > 0 for r in results["rows"])
+    assert "Captions per latent tile" in (tmp_path / "results.md").read_text()
