@@ -624,7 +624,7 @@ def caption_tiles(pack, lr_sides: tuple[int, ...] = (128, 256, 512), tile: int =
     for side in lr_sides:
         lr = torch.rand(1, side, side, 3, generator=g)
         grid = tiling.processing_tile_grid(side, side, 4.0, 512, tile, overlap)
-        crops = pack.nodes.tile_grid.tile_crops(lr, grid, 4.0, 512)
+        crops = pack.nodes.tile_grid.tile_crops(lr, grid)
         pictures = {"whole": [to_pil(lr[0])], "tiles": [to_pil(c) for c in crops]}
         seconds = {}
         for name, batch_pictures in pictures.items():

@@ -12,12 +12,13 @@ from .captioned_images import XPSRLoadCaptionedImages
 from .color_fix import XPSRColorFix
 from .loader import XPSRLoader
 from .prompt_encode import XPSRDualPromptEncode
+from .prompt_lines import XPSRPromptLines
 from .sampler import XPSRSampler
 from .tile_grid import XPSRTileGrid
 
 NODES: list[type[io.ComfyNode]] = [XPSRLoader, XPSRDualPromptEncode, XPSRApply, XPSRSampler, XPSRMLLMLoader,
                                    XPSRCaption, XPSRCaptionDataset, XPSRLoadCaptionedImages, XPSRColorFix,
-                                   XPSRTileGrid]
+                                   XPSRTileGrid, XPSRPromptLines]
 
 
 class XPSRExtension(ComfyExtension):

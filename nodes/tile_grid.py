@@ -43,10 +43,10 @@ def check_tile_settings(tile_size: int, tile_overlap: int) -> None:
         raise ValueError(f"tile_overlap is {tile_overlap}; expected less than tile_size ({tile_size})")
 
 
-def tile_crops(lr: torch.Tensor, grid: TileGrid, scale: float, process_size: int) -> torch.Tensor:
+def tile_crops(lr: torch.Tensor, grid: TileGrid) -> torch.Tensor:
     """The grid's tiles of the processed image, (B * tiles, t, t, C) image-major (image b's tile k is row
     b * tiles + k), from the LR IMAGE (B, H, W, C)."""
-    processed = upscale_for_processing(lr.movedim(-1, 1).float(), scale, process_size)
+    processed = upscale_for_processing(lr.movedim(-1, 1).float(), grid.scale, grid.process_size)
     return torch.cat([processed[b:b + 1][box.slices] for b in range(processed.shape[0])
                       for box in grid.boxes]).movedim(1, -1)
 
@@ -83,4 +83,4 @@ class XPSRTileGrid(io.ComfyNode):
         rgb = to_rgb(image)
         grid = processing_tile_grid(rgb.shape[1], rgb.shape[2], scale, process_size, tile_size, tile_overlap,
                                     rgb.shape[0])
-        return io.NodeOutput(grid, tile_crops(rgb, grid, scale, process_size), grid.count)
+        return io.NodeOutput(grid, tile_crops(rgb, grid), grid.count)

@@ -192,3 +192,27 @@ def test_xpsr_apply_refuses_per_tile_prompts_that_comfyuis_samplers_would_give_t
     with pytest.raises(ValueError, match="positive conditioning has per-tile prompts .* XPSR Apply would give every "
                                          "tile the first tile's prompts"):
         node(("apply", "XPSRApply")).execute(positive, negative, parts["control"], parts["image"], 1.0, 0.0, 1.0)
+
+
+def test_typed_per_tile_prompts_one_per_line_sample_through_comfyuis_executor(parts):
+    """XPSR Prompt Lines -> Dual Prompt Encode (tile_grid from XPSR Tile Grid) -> XPSR Sampler, as a graph, gives
+    what the nodes give called directly."""
+    prompt = H.graph(height=LR[0], width=LR[1], seed=7, steps=2, **SETTINGS)
+    prompt |= {"9": {"class_type": "XPSRTileGrid", "inputs": SETTINGS | {"image": ["4", 0]}},
+               "10": {"class_type": "XPSRPromptLines", "inputs": {"text": "\n".join(HIGH)}},
+               "11": {"class_type": "XPSRPromptLines", "inputs": {"text": "\n".join(LOW)}}}
+    prompt["3"]["inputs"] |= {"high_level": ["10", 0], "low_level": ["11", 0], "tile_grid": ["9", 0],
+                              "negative_high": "blurry, dotted", "negative_low": "sharp, high resolution"}
+    executor, _ = H.run_ok(prompt)
+    assert H.outputs(executor, "10")[1] == [TILES] and H.outputs(executor, "9")[2] == [TILES]
+    image = H.test_image(*LR)
+    grid, _, _ = tile_grid(image)
+    expected = sample(parts | {"image": image}, *encode(parts["clip"], HIGH, LOW, grid))
+    assert_parity(H.output(executor, "5", 1)["samples"], expected, "the graph's latent")
+
+
+def test_prompt_lines_are_the_lines_typed():
+    lines = node(("prompt_lines", "XPSRPromptLines"))
+    assert lines.execute("a cat\n\nblurry, noisy\n").args == (["a cat", "", "blurry, noisy"], 3)
+    with pytest.raises(ValueError, match="text is empty; expected one prompt per line"):
+        lines.execute("")

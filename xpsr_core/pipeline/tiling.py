@@ -68,12 +68,15 @@ def tile_boxes(height: int, width: int, tile: int, overlap: int) -> list[Box]:
 class TileGrid:
     """The tiles XPSR Sampler denoises an image in, as boxes in pixels of the processed image (height x width).
 
-    ``tile`` and ``overlap`` are the sampler's latent sizes; an image that is not tiled is
-    one box covering it. ``images`` is the batch the grid was made for.
+    ``scale`` and ``process_size`` make the processed image from the LR one; ``tile`` and
+    ``overlap`` are the sampler's latent sizes; an image that is not tiled is one box
+    covering it. ``images`` is the batch the grid was made for.
     """
 
     height: int
     width: int
+    scale: float
+    process_size: int
     tile: int
     overlap: int
     boxes: tuple[Box, ...]
@@ -108,7 +111,8 @@ def processing_tile_grid(lr_height: int, lr_width: int, scale: float, process_si
     latent_height, latent_width = height // LATENT_FACTOR, width // LATENT_FACTOR
     boxes = (tile_boxes(latent_height, latent_width, tile, overlap) if needs_tiling(latent_height, latent_width, tile)
              else [Box(0, latent_height, 0, latent_width)])
-    return TileGrid(height, width, tile, overlap, tuple(b.scaled(LATENT_FACTOR) for b in boxes), images)
+    return TileGrid(height, width, scale, process_size, tile, overlap, tuple(b.scaled(LATENT_FACTOR) for b in boxes),
+                    images)
 
 
 def gaussian_weights(size: int) -> torch.Tensor:
