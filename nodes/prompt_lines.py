@@ -15,8 +15,8 @@ class XPSRPromptLines(io.ComfyNode):
             display_name="XPSR Prompt Lines",
             category=CATEGORY,
             description="Typed prompts, one per line, as a list for XPSR Dual Prompt Encode: one per image of a "
-                        "batch, or, with a tile grid, one per tile in the grid's order (XPSR Tile Grid's tiles "
-                        "output shows it).",
+                        "batch, or, with a tile grid, one per tile in the grid's order: column by column, top to "
+                        "bottom then left to right (XPSR Tile Grid's tiles output shows it).",
             inputs=[io.String.Input("text", multiline=True, default="",
                                     tooltip="One prompt per line; an empty line is an empty prompt.")],
             outputs=[io.String.Output(display_name="prompts", is_output_list=True,

@@ -71,7 +71,8 @@ class XPSRTileGrid(io.ComfyNode):
                                         tooltip="For XPSR Dual Prompt Encode's tile_grid (and XPSR Caption's)."),
                 io.Image.Output(display_name="tiles",
                                 tooltip="Each tile of the upscaled image as XPSR Sampler's model calls see it, image "
-                                        "by image, in the grid's order: caption these for per-tile prompts."),
+                                        "by image, in the grid's order (column by column: top to bottom, then left "
+                                        "to right): caption these for per-tile prompts."),
                 io.Int.Output(display_name="tile_count", tooltip="Tiles per image; 1 when the image is not tiled."),
             ],
         )

@@ -21,7 +21,15 @@ from xpsr_core.pipeline.schedule import (
     ve_start_latent,
     vp_to_ve,
 )
-from xpsr_core.pipeline.tiling import Box, GaussianBlend, gaussian_weights, needs_tiling, stack_tiles, tile_boxes
+from xpsr_core.pipeline.tiling import (
+    Box,
+    GaussianBlend,
+    gaussian_weights,
+    needs_tiling,
+    processing_tile_grid,
+    stack_tiles,
+    tile_boxes,
+)
 
 
 def sd15_alphas_cumprod() -> torch.Tensor:
@@ -140,6 +148,20 @@ def test_tiles_cover_the_latent_with_the_official_grid():
     assert covered.min() >= 1
     assert tile_boxes(20, 50, 32, 8)[0].y1 == 20  # tile shrinks to the short side
     assert needs_tiling(321, 320, 320) and not needs_tiling(320, 320, 320)
+
+
+def test_the_tile_grid_is_the_latent_grid_in_processed_image_pixels_column_by_column():
+    grid = processing_tile_grid(100, 75, 2.5, 128, 16, 4)  # 250 x 187 -> processed 250 x 184, latent 31 x 23
+    assert (grid.height, grid.width, grid.count) == (248, 184, 6)
+    assert grid.boxes == tuple(b.scaled(8) for b in tile_boxes(31, 23, 16, 4))
+    assert [(b.y0, b.x0) for b in grid.boxes] == [(0, 0), (96, 0), (120, 0), (0, 56), (96, 56), (120, 56)]
+    assert grid.describe() == ("2x3 tiles of 128 px over a 184x248 px processed image (tile_size 16, tile_overlap 4 "
+                               "latent px)")
+    whole = processing_tile_grid(100, 75, 2.5, 128, 320, 8)
+    assert whole.boxes == (Box(0, 248, 0, 184),) and whole.describe() == (
+        "one tile, the whole 184x248 px processed image (tile_size 320 latent px)")
+    assert whole.same_tiles(processing_tile_grid(100, 75, 2.5, 128, 64, 8))  # 31 x 23 < 64^2: not tiled either
+    assert not grid.same_tiles(processing_tile_grid(100, 75, 2.5, 128, 16, 2))
 
 
 def test_gaussian_weights_keep_the_official_asymmetric_centre():

@@ -70,7 +70,8 @@ class TileGrid:
 
     ``scale`` and ``process_size`` make the processed image from the LR one; ``tile`` and
     ``overlap`` are the sampler's latent sizes; an image that is not tiled is one box
-    covering it. ``images`` is the batch the grid was made for.
+    covering it. ``images`` is the batch the grid was made for. The boxes come in the
+    official order, column by column: top to bottom, then left to right.
     """
 
     height: int
