@@ -4,7 +4,8 @@ The released checkpoint was trained with captions of two models, the low-level o
 InternLM-XComposer-VL) being a model that cannot run in ComfyUI's environment. Whoever wants the official
 captions writes them once with the official scripts (or XPSR Caption Dataset) into the official layout and
 reads them here: the same IMAGE batch and STRING lists as XPSR Caption gives, so XPSR Dual Prompt Encode
-takes them unchanged. The folder obeys the shared-server rules of ``access``.
+takes them unchanged. Per-tile captions (``<name>.tiles.txt``, one line per tile) come as one list of every
+image's tiles, for Dual Prompt Encode with a tile grid. The folder obeys the shared-server rules of ``access``.
 """
 
 from __future__ import annotations
@@ -18,11 +19,18 @@ import torch
 from comfy_api.latest import io
 
 from ..xpsr_core.captioning.caption_dataset import open_rgb
-from ..xpsr_core.captioning.captions import caption_paths, list_lr_images, read_caption
+from ..xpsr_core.captioning.captions import (
+    TILE_CAPTIONS_SUFFIX,
+    caption_paths,
+    list_lr_images,
+    read_caption,
+    read_tile_captions,
+)
 from .access import allowed_path, dataset_folder
 from .common import CATEGORY
 
 MISSING_CAPTION_CHOICES = ("error", "empty")
+CAPTION_CHOICES = {"whole image": ".txt", "per tile": TILE_CAPTIONS_SUFFIX}
 
 
 def load_caption(path: Path, missing_caption: str) -> str:
@@ -35,6 +43,19 @@ def load_caption(path: Path, missing_caption: str) -> str:
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{e}: each LR image needs its caption in the official layout; set missing_caption "
                                 "to empty to give a missing caption as an empty prompt") from e
+
+
+def load_tile_captions(paths: list[Path]) -> list[str]:
+    """Every image's per-tile captions in one list, image by image; every image needs as many (one grid)."""
+    for path in paths:
+        allowed_path(path, f"caption file {str(path)!r}")
+    per_image = [read_tile_captions(p) for p in paths]
+    counts = {len(c) for c in per_image}
+    if len(counts) > 1:
+        listed = ", ".join(f"{p.name} {len(c)}" for p, c in zip(paths, per_image, strict=True))
+        raise ValueError(f"the per-tile caption files hold different numbers of captions ({listed}); expected one "
+                         "per tile of the same grid for every image")
+    return [caption for captions in per_image for caption in captions]
 
 
 def load_image(path: Path) -> torch.Tensor:
@@ -90,6 +111,11 @@ class XPSRLoadCaptionedImages(io.ComfyNode):
                 io.Combo.Input("missing_caption", options=list(MISSING_CAPTION_CHOICES), default="error",
                                tooltip="error: a missing caption file stops the run, naming the file. empty: it "
                                        "gives an empty prompt, as an empty file does in the official script."),
+                io.Combo.Input("captions", options=list(CAPTION_CHOICES), default="whole image", optional=True,
+                               tooltip="whole image: <name>.txt, one caption per image. per tile: <name>.tiles.txt "
+                                       "beside it, one caption per line for each of XPSR Sampler's latent tiles in "
+                                       "XPSR Tile Grid's order (column by column), for XPSR Dual Prompt Encode with "
+                                       "that tile_grid; these files must exist."),
             ],
             outputs=[
                 io.Image.Output(display_name="image", tooltip="The LR images as one batch, in name order."),
@@ -103,19 +129,28 @@ class XPSRLoadCaptionedImages(io.ComfyNode):
         )
 
     @classmethod
-    def fingerprint_inputs(cls, dataset: str, start: int, count: int, missing_caption: str) -> list:
+    def fingerprint_inputs(cls, dataset: str, start: int, count: int, missing_caption: str,
+                           captions: str = "whole image") -> list:
         """The chosen files' sizes and times: an edited caption or image is read again instead of coming from
         ComfyUI's cache, as Load Image does for its file."""
         paths = select(list_lr_images(dataset_folder(dataset)), start, count, dataset)
-        files = [f for p in paths for f in (p, *astuple(caption_paths(p)))]
+        suffix = CAPTION_CHOICES.get(captions, ".txt")
+        files = [f for p in paths for f in (p, *astuple(caption_paths(p, suffix)))]
         return [(str(f), f.stat().st_mtime_ns, f.stat().st_size) if f.is_file() else (str(f),) for f in files]
 
     @classmethod
-    def execute(cls, dataset: str, start: int, count: int, missing_caption: str) -> io.NodeOutput:
+    def execute(cls, dataset: str, start: int, count: int, missing_caption: str,
+                captions: str = "whole image") -> io.NodeOutput:
         if missing_caption not in MISSING_CAPTION_CHOICES:
             raise ValueError(f"missing_caption is {missing_caption!r}; expected one of {MISSING_CAPTION_CHOICES}")
+        if captions not in CAPTION_CHOICES:
+            raise ValueError(f"captions is {captions!r}; expected one of {list(CAPTION_CHOICES)}")
         paths = select(list_lr_images(dataset_folder(dataset)), start, count, dataset)
-        files = [caption_paths(p) for p in paths]
-        high_level = [load_caption(f.high_level, missing_caption) for f in files]
-        low_level = [load_caption(f.low_level, missing_caption) for f in files]
+        files = [caption_paths(p, CAPTION_CHOICES[captions]) for p in paths]
+        if captions == "per tile":
+            high_level = load_tile_captions([f.high_level for f in files])
+            low_level = load_tile_captions([f.low_level for f in files])
+        else:
+            high_level = [load_caption(f.high_level, missing_caption) for f in files]
+            low_level = [load_caption(f.low_level, missing_caption) for f in files]
         return io.NodeOutput(one_batch([load_image(p) for p in paths], paths), high_level, low_level)

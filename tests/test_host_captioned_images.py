@@ -42,9 +42,10 @@ def dataset(request) -> Path:
     return root
 
 
-def loader(dataset: str, start: int = 0, count: int = 0, missing_caption: str = "error") -> dict:
+def loader(dataset: str, start: int = 0, count: int = 0, missing_caption: str = "error",
+           captions: str = "whole image") -> dict:
     return {"class_type": "XPSRLoadCaptionedImages", "inputs": {
-        "dataset": dataset, "start": start, "count": count, "missing_caption": missing_caption}}
+        "dataset": dataset, "start": start, "count": count, "missing_caption": missing_caption, "captions": captions}}
 
 
 def loader_prompt(dataset: str, **options) -> dict:
@@ -150,3 +151,49 @@ def test_the_caption_files_give_the_conditioning_and_the_image_of_the_same_promp
         assert all(torch.equal(a, b) for a, b in zip(from_file, typed_in, strict=True))
     assert conditioning[0][0].shape[0] == 2
     assert image.shape == (2, 32, 32, 3) and torch.equal(image, typed_image)
+
+
+def tile_captions_file(dataset: Path, folder: str, name: str, text: str) -> None:
+    (dataset / folder / f"{name}.tiles.txt").write_text(text, encoding="utf-8")
+
+
+def test_per_tile_caption_files_give_each_tile_its_line_as_the_same_prompts_typed(dataset: Path):
+    """<name>.tiles.txt beside the official file: one caption per line and tile, every image's tiles in one list,
+    through XPSR Dual Prompt Encode's tile grid into the tiled sampler, as the same captions typed."""
+    for name, high, low in (("a", " a wall\na roof\nsky\ntree\n", "blurry\nnoisy\nsharp\ndark\n"),
+                            ("b", "a dog\ngrass\nsun\nsand\n", "dark\nsharp\nnoisy\nblurry")):
+        tile_captions_file(dataset, "highlevel_prompt", name, high)
+        tile_captions_file(dataset, "lowlevel_prompt_q", name, low)
+    settings = {"scale": 8.0, "process_size": 64, "tile_size": 8, "tile_overlap": 0}  # a 16 x 16 latent: 2 x 2 tiles
+    _, high, low = loaded(str(dataset), captions="per tile")
+    assert high == ["a wall", "a roof", "sky", "tree", "a dog", "grass", "sun", "sand"]
+    assert low == ["blurry", "noisy", "sharp", "dark", "dark", "sharp", "noisy", "blurry"]
+
+    def per_tile_graph(high_level, low_level) -> dict:
+        prompt = H.graph(**settings) | {"4": loader(str(dataset), captions="per tile"),
+                                        "9": {"class_type": "XPSRTileGrid", "inputs": settings | {"image": ["4", 0]}}}
+        prompt["3"]["inputs"] |= {"high_level": high_level, "low_level": low_level, "tile_grid": ["9", 0]}
+        return prompt
+
+    from_files = per_tile_graph(["4", 1], ["4", 2])
+    typed = per_tile_graph(["11", 0], ["12", 0]) | {
+        "11": {"class_type": "XPSRTestLines", "inputs": {"text": "|".join(high)}},
+        "12": {"class_type": "XPSRTestLines", "inputs": {"text": "|".join(low)}}}
+    outputs = []
+    for prompt in (from_files, typed):
+        executor, _ = H.run_ok(prompt)
+        assert H.output(executor, "9", 2) == 4
+        outputs.append(H.output(executor, "5", 1)["samples"])
+    assert torch.equal(*outputs)
+
+
+def test_per_tile_caption_files_must_exist_and_hold_as_many_captions_for_every_image(dataset: Path):
+    executor, _ = H.run(loader_prompt(str(dataset), captions="per tile"))
+    assert not executor.success and "per-tile caption file" in H.error_message(executor) and (
+        "a.tiles.txt does not exist") in H.error_message(executor)
+    for name, text in (("a", "one\ntwo\n"), ("b", "one\ntwo\nthree\n")):
+        tile_captions_file(dataset, "highlevel_prompt", name, text)
+        tile_captions_file(dataset, "lowlevel_prompt_q", name, text)
+    executor, _ = H.run(loader_prompt(str(dataset), captions="per tile"))
+    assert "the per-tile caption files hold different numbers of captions (a.tiles.txt 2, b.tiles.txt 3)" in (
+        H.error_message(executor))

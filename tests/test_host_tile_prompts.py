@@ -216,3 +216,22 @@ def test_prompt_lines_are_the_lines_typed():
     assert lines.execute("a cat\n\nblurry, noisy\n").args == (["a cat", "", "blurry, noisy"], 3)
     with pytest.raises(ValueError, match="text is empty; expected one prompt per line"):
         lines.execute("")
+
+
+def test_with_an_image_batch_each_images_tiles_get_that_images_prompts(parts, monkeypatch):
+    """Lists hold every image's tiles, image by image (prompt b * tiles + t: image b's tile t); the tiles of one model
+    call are stacked tile-major (row t * images + b)."""
+    images = H.test_image(*LR, batch=2, seed=3)
+    grid, _, _ = tile_grid(images)
+    high = [f"{text}, seen in photo {b}" for b in range(2) for text in HIGH]
+    low = [f"{text} {b}" for b in range(2) for text in LOW]
+    calls = TileCalls(monkeypatch)
+    sample(parts | {"image": images}, *encode(parts["clip"], high, low, grid), steps=1)
+    rows = calls.tile_conditioning(0, 0)
+    assert len(rows) == 2 * TILES
+    for tile in range(TILES):
+        for b in range(2):
+            alone = encode(parts["clip"], [high[b * TILES + tile]], [low[b * TILES + tile]])[0]
+            c_h, c_l = rows[tile * 2 + b]
+            assert torch.equal(c_h, alone[0][0][0]) and torch.equal(
+                c_l, alone[0][1]["model_conds"]["xpsr_lowlevel"].cond[0]), f"image {b}, tile {tile}"

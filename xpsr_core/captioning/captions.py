@@ -8,7 +8,11 @@ images::
     <set>/lowlevel_prompt_q/<name>.txt    its quality (Q-Instruct)
 
 Each file holds one line. Captions written here can be read by the official scripts and the other
-way round.
+way round. Per-tile captions (one per latent tile of XPSR Sampler, for large images) sit beside
+them, one caption per line in the tile grid's order::
+
+    <set>/highlevel_prompt/<name>.tiles.txt
+    <set>/lowlevel_prompt_q/<name>.tiles.txt
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ HIGH_LEVEL_FOLDER = "highlevel_prompt"
 LOW_LEVEL_FOLDER = "lowlevel_prompt_q"
 LR_FOLDER = "LR"
 CAPTION_SUFFIX = ".txt"
+TILE_CAPTIONS_SUFFIX = ".tiles.txt"
 
 
 @dataclass(frozen=True)
@@ -44,15 +49,16 @@ class CaptionPaths:
     low_level: Path
 
 
-def caption_paths(lr_image: str | Path) -> CaptionPaths:
-    """Caption files for <set>/LR/<name>.<ext>: <set>/highlevel_prompt/<name>.txt and <set>/lowlevel_prompt_q/.
+def caption_paths(lr_image: str | Path, suffix: str = CAPTION_SUFFIX) -> CaptionPaths:
+    """Caption files for <set>/LR/<name>.<ext>: <set>/highlevel_prompt/<name>.txt and <set>/lowlevel_prompt_q/
+    (<name>.tiles.txt with ``TILE_CAPTIONS_SUFFIX``).
 
     The set is the LR folder's parent whatever that folder is called, so renamed LR folders
     (LR_x4, lq) keep working.
     """
     lr_image = Path(lr_image)
     dataset = lr_image.parent.parent
-    name = lr_image.stem + CAPTION_SUFFIX
+    name = lr_image.stem + suffix
     return CaptionPaths(high_level=dataset / HIGH_LEVEL_FOLDER / name, low_level=dataset / LOW_LEVEL_FOLDER / name)
 
 
@@ -67,6 +73,18 @@ def read_caption(path: str | Path) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"caption file {path} does not exist")
     return path.read_text(encoding="utf-8").split("\n")[0].lstrip()
+
+
+def read_tile_captions(path: str | Path) -> list[str]:
+    """The per-tile captions in a file: every line, each as the official reader takes a caption (leading spaces
+    removed); a final line break ends the last caption rather than starting an empty one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"per-tile caption file {path} does not exist")
+    lines = [line.lstrip() for line in path.read_text(encoding="utf-8").splitlines()]
+    if not lines:
+        raise ValueError(f"per-tile caption file {path} is empty; expected one caption per line, one per tile")
+    return lines
 
 
 def write_caption(path: str | Path, caption: str) -> Path:
