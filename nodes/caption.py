@@ -3,7 +3,8 @@
 The model is a ComfyUI-managed model: ``load_models_gpu`` places it (evicting diffusion
 models first when room is short) and evicts it when they need the room; with keep_loaded
 off it is unloaded as soon as the captions are written. Models come only from local
-folders under ``models/LLM``; nothing is downloaded.
+folders under ``models/LLM``; nothing is downloaded. XPSR Caption also takes, instead, a
+CLIP whose model generates text from images (comfy_vlm), which ComfyUI loads and places.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 
 import comfy.model_management as mm
 import comfy.model_patcher
+import comfy.sd
 import comfy.utils
 import folder_paths
 from comfy_api.latest import io
@@ -38,6 +40,7 @@ from ..xpsr_core.captioning.mllm import (
     out_of_memory_advice,
 )
 from ..xpsr_core.pipeline.image import to_rgb
+from . import comfy_vlm
 from .access import allowed_path, dataset_folder, require_remote_code_allowed
 from .common import CATEGORY, DTYPE_CHOICES, choose_dtype, register_model_folder
 
@@ -71,11 +74,16 @@ class MLLM:
         mm.load_models_gpu([self.patcher], force_full_load=True)
 
     def unload(self) -> None:
-        for loaded in list(mm.current_loaded_models):
-            if loaded.model is self.patcher:
-                loaded.model_unload()
-                mm.current_loaded_models.remove(loaded)
-        mm.soft_empty_cache()
+        unload(self.patcher)
+
+
+def unload(patcher: comfy.model_patcher.ModelPatcher) -> None:
+    """Offload one model ComfyUI placed, now rather than when another model needs the room."""
+    for loaded in list(mm.current_loaded_models):
+        if loaded.model is patcher:
+            loaded.model_unload()
+            mm.current_loaded_models.remove(loaded)
+    mm.soft_empty_cache()
 
 
 def load_mllm(name: str, dtype: str, trust_remote_code: bool) -> MLLM:
@@ -145,8 +153,8 @@ def _instruction_inputs() -> list:
                      tooltip="Longest caption in tokens (official LLaVA: 170, greedy). The high-level caption is "
                              "always greedy; the low-level one too unless low_level_num_beams is above 1."),
         io.Boolean.Input("keep_loaded", default=False,
-                         tooltip="Keep the MLLM in memory after captioning; off frees it for diffusion at once. "
-                                 "Either way ComfyUI evicts it when other models need the room."),
+                         tooltip="Keep the captioning model in memory after captioning; off frees it for diffusion at "
+                                 "once. Either way ComfyUI evicts it when other models need the room."),
         io.Int.Input("batch_size", optional=True, default=DEFAULT_BATCH_SIZE, min=1, max=256,
                      tooltip="Images captioned together in one padded batch (both prompts at once when they are "
                              "decoded alike); greedy captions are the same as one at a time. Out of memory halves it "
@@ -208,6 +216,13 @@ class XPSRMLLMLoader(io.ComfyNode):
         return io.NodeOutput(load_mllm(model, dtype, trust_remote_code))
 
 
+CLIP_ROUTE = (f"Instead of mllm: {comfy_vlm.EXPECTED} (on ComfyUI releases with the Generate Text node). Captions "
+              "are what Generate Text writes with sampling off: greedy, up to max_new_tokens (low_level_max_new_tokens "
+              "for the low level), one image at a time (batch_size is not used); low_level_num_beams above 1 or a "
+              "repetition penalty are refused. keep_loaded off offloads the CLIP's model once the captions are "
+              "written; ComfyUI loads it again when the CLIP is next used.")
+
+
 class XPSRCaption(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -216,11 +231,15 @@ class XPSRCaption(io.ComfyNode):
             display_name="XPSR Caption",
             category=CATEGORY,
             description="Writes XPSR's two prompts for every image of a batch: a high-level caption (content) and a "
-                        "low-level one (quality). Feed them to XPSR Dual Prompt Encode (one prompt per image) or to "
-                        "any text input.",
-            inputs=[XPSRMLLMType.Input("mllm", tooltip="From XPSR MLLM Loader."),
+                        "low-level one (quality), with an MLLM from XPSR MLLM Loader or a CLIP whose model generates "
+                        "text from images (e.g. Qwen3-VL with Load CLIP). Feed them to XPSR Dual Prompt Encode (one "
+                        "prompt per image) or to any text input.",
+            inputs=[XPSRMLLMType.Input("mllm", optional=True,
+                                       tooltip="From XPSR MLLM Loader (a transformers model from models/LLM). Connect "
+                                               "this or clip, not both."),
                     io.Image.Input("image", tooltip="The low-resolution image(s)."),
-                    *_instruction_inputs()],
+                    *_instruction_inputs(),
+                    io.Clip.Input("clip", optional=True, tooltip=CLIP_ROUTE)],
             outputs=[io.String.Output(display_name="high_level", is_output_list=True,
                                      tooltip="The content captions, one per image, for XPSR Dual Prompt Encode's "
                                              "high_level."),
@@ -230,15 +249,40 @@ class XPSRCaption(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, mllm: MLLM, image: torch.Tensor, high_level_instruction: str, low_level_instruction: str,
+    def execute(cls, image: torch.Tensor, high_level_instruction: str, low_level_instruction: str,
                 max_new_tokens: int, keep_loaded: bool, batch_size: int = DEFAULT_BATCH_SIZE,
                 low_level_num_beams: int = 1, low_level_repetition_penalty: float = 1.0,
-                low_level_length_penalty: float = 1.0, low_level_max_new_tokens: int = 0) -> io.NodeOutput:
+                low_level_length_penalty: float = 1.0, low_level_max_new_tokens: int = 0,
+                mllm: MLLM | None = None, clip: comfy.sd.CLIP | None = None) -> io.NodeOutput:
+        if (mllm is None) == (clip is None):
+            raise ValueError(f"XPSR Caption captions with mllm (from XPSR MLLM Loader) or clip ({comfy_vlm.EXPECTED}): "
+                             f"connect exactly one; {'both are' if mllm is not None else 'neither is'} connected")
         asked = instructions(high_level_instruction, low_level_instruction, max_new_tokens, low_level_num_beams,
                              low_level_repetition_penalty, low_level_length_penalty, low_level_max_new_tokens)
+        if clip is not None:
+            return io.NodeOutput(*clip_captions(clip, to_rgb(image), asked, keep_loaded))
         rows = list(captions(mllm, (to_pil(i) for i in to_rgb(image)), image.shape[0], asked, batch_size,
                              keep_loaded))
         return io.NodeOutput([r[0] for r in rows], [r[1] for r in rows])
+
+
+def clip_captions(clip: comfy.sd.CLIP, images: torch.Tensor, asked: list[tuple[str, Decoding]],
+                  keep_loaded: bool) -> list[list[str]]:
+    """Each instruction's captions for every image through the CLIP, on one progress bar; one list per instruction."""
+    comfy_vlm.require_generating_clip(clip)
+    for _, decoding in asked:
+        if decoding.num_beams != 1 or decoding.repetition_penalty != 1.0:
+            raise ValueError(f"clip: ComfyUI's text generation decodes greedily, with no beams and no repetition "
+                             f"penalty; set low_level_num_beams to 1 and low_level_repetition_penalty to 1.0 (got "
+                             f"{decoding.num_beams} and {decoding.repetition_penalty}), or connect mllm from XPSR "
+                             "MLLM Loader for beam search")
+    bar = comfy.utils.ProgressBar(images.shape[0] * len(asked))
+    try:
+        return [comfy_vlm.caption_images(clip, images, instruction, decoding.max_new_tokens, bar)
+                for instruction, decoding in asked]
+    finally:
+        if not keep_loaded:
+            unload(clip.patcher)
 
 
 class XPSRCaptionDataset(io.ComfyNode):

@@ -25,6 +25,7 @@ import torch
 import comfy.controlnet
 import comfy.model_patcher
 import comfy.patcher_extension
+import comfy.sd
 import execution
 
 
@@ -79,3 +80,26 @@ def device_clones(control: comfy.controlnet.ControlBase) -> dict[torch.device, c
     """A control's clones for other GPUs, by device (0.24.0, PR #7063: ``multigpu_clones``); none before."""
     return getattr(control, "multigpu_clones", {})
 
+
+def host_generates_text() -> bool:
+    """Whether this ComfyUI lets a CLIP write text: ``CLIP.generate`` and ``CLIP.decode``, behind its Generate Text
+    node (TextGenerate, comfy_extras/nodes_textgen.py).
+
+    They came after 0.3.64 (the exact release is not known here); 0.33.0 generates with Qwen2.5-VL, Qwen3-VL,
+    Qwen3.5, Gemma 3 and Gemma 4. 0.3.64 has neither method.
+    """
+    return callable(getattr(comfy.sd.CLIP, "generate", None)) and callable(getattr(comfy.sd.CLIP, "decode", None))
+
+
+def clip_generates_text(clip: comfy.sd.CLIP) -> bool:
+    """Whether ``clip`` can answer an instruction about an image through ``CLIP.generate``.
+
+    Where the host has the route every CLIP has the method, but only a text model with a generation loop
+    (``generate``, ComfyUI's ``BaseGenerate``) that also turns image tokens into embeddings (``preprocess_embed``)
+    can do it; CLIP-L, T5 and text-only LLMs lack one or the other. Wrappers differ by model (Qwen3-VL sits in
+    ``cond_stage_model.qwen3vl_8b``, LTX-2's Gemma in ``gemma3_12b``), so every submodule is looked at.
+    """
+    model = getattr(clip, "cond_stage_model", None)
+    return host_generates_text() and isinstance(model, torch.nn.Module) and any(
+        callable(getattr(m, "generate", None)) and callable(getattr(m, "preprocess_embed", None))
+        for m in model.modules())

@@ -285,8 +285,8 @@ def test_a_batch_captions_as_one_image_at_a_time():
     images = H.test_image(24, 24, batch=3)
 
     def captions(batch_size: int) -> tuple:
-        return tuple(caption.XPSRCaption.execute(mllm, images, "Describe the content.", "Describe the quality.", 13,
-                                                 False, batch_size=batch_size).result)
+        return tuple(caption.XPSRCaption.execute(images, "Describe the content.", "Describe the quality.", 13, False,
+                                                 batch_size=batch_size, mllm=mllm).result)
 
     batched = captions(3)
     assert batched == captions(1) and [len(c) for c in batched] == [3, 3]
