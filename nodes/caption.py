@@ -40,9 +40,11 @@ from ..xpsr_core.captioning.mllm import (
     out_of_memory_advice,
 )
 from ..xpsr_core.pipeline.image import to_rgb
+from ..xpsr_core.pipeline.tiling import TileGrid
 from . import comfy_vlm
 from .access import allowed_path, dataset_folder, require_remote_code_allowed
-from .common import CATEGORY, DTYPE_CHOICES, choose_dtype, register_model_folder
+from .common import CATEGORY, DTYPE_CHOICES, XPSRTileGridType, choose_dtype, register_model_folder
+from .tile_captions import caption_tiles
 
 FOLDER = "LLM"
 XPSRMLLMType = io.Custom("XPSR_MLLM")
@@ -239,13 +241,23 @@ class XPSRCaption(io.ComfyNode):
                                                "this or clip, not both."),
                     io.Image.Input("image", tooltip="The low-resolution image(s)."),
                     *_instruction_inputs(),
-                    io.Clip.Input("clip", optional=True, tooltip=CLIP_ROUTE)],
+                    io.Clip.Input("clip", optional=True, tooltip=CLIP_ROUTE),
+                    XPSRTileGridType.Input("tile_grid", optional=True,
+                                           tooltip="From XPSR Tile Grid (made from this image): caption every "
+                                                   "latent tile XPSR Sampler will denoise instead of the whole "
+                                                   "image, one caption pair per tile, image by image in the grid's "
+                                                   "order, for XPSR Dual Prompt Encode with the same grid."),
+                    io.Boolean.Input("whole_image_context", optional=True, default=True,
+                                     tooltip="With tile_grid: put the whole image's captions in front of each "
+                                             "tile's, so a tile that shows little (sky, a wall) still carries what "
+                                             "the picture is and how it is damaged; costs one caption pair more per "
+                                             "image. Off: each tile's own captions only.")],
             outputs=[io.String.Output(display_name="high_level", is_output_list=True,
-                                     tooltip="The content captions, one per image, for XPSR Dual Prompt Encode's "
-                                             "high_level."),
+                                     tooltip="The content captions, one per image (or per tile with tile_grid), "
+                                             "for XPSR Dual Prompt Encode's high_level."),
                      io.String.Output(display_name="low_level", is_output_list=True,
-                                     tooltip="The quality captions, one per image, for XPSR Dual Prompt Encode's "
-                                             "low_level.")],
+                                     tooltip="The quality captions, one per image (or per tile with tile_grid), "
+                                             "for XPSR Dual Prompt Encode's low_level.")],
         )
 
     @classmethod
@@ -253,22 +265,33 @@ class XPSRCaption(io.ComfyNode):
                 max_new_tokens: int, keep_loaded: bool, batch_size: int = DEFAULT_BATCH_SIZE,
                 low_level_num_beams: int = 1, low_level_repetition_penalty: float = 1.0,
                 low_level_length_penalty: float = 1.0, low_level_max_new_tokens: int = 0,
-                mllm: MLLM | None = None, clip: comfy.sd.CLIP | None = None) -> io.NodeOutput:
+                mllm: MLLM | None = None, clip: comfy.sd.CLIP | None = None, tile_grid: TileGrid | None = None,
+                whole_image_context: bool = True) -> io.NodeOutput:
         if (mllm is None) == (clip is None):
             raise ValueError(f"XPSR Caption captions with mllm (from XPSR MLLM Loader) or clip ({comfy_vlm.EXPECTED}): "
                              f"connect exactly one; {'both are' if mllm is not None else 'neither is'} connected")
         asked = instructions(high_level_instruction, low_level_instruction, max_new_tokens, low_level_num_beams,
                              low_level_repetition_penalty, low_level_length_penalty, low_level_max_new_tokens)
         if clip is not None:
-            return io.NodeOutput(*clip_captions(clip, to_rgb(image), asked, keep_loaded))
-        rows = list(captions(mllm, (to_pil(i) for i in to_rgb(image)), image.shape[0], asked, batch_size,
-                             keep_loaded))
+            def captioner(pictures: list) -> list[list[str]]:
+                return clip_caption_rows(clip, pictures, asked, keep_loaded)
+
+            def to_picture(picture: torch.Tensor):
+                return picture
+        else:
+            def captioner(pictures: list) -> list[list[str]]:
+                return list(captions(mllm, pictures, len(pictures), asked, batch_size, keep_loaded))
+
+            to_picture = to_pil
+        rgb = to_rgb(image)
+        rows = (captioner([to_picture(i) for i in rgb]) if tile_grid is None
+                else caption_tiles(captioner, to_picture, rgb, tile_grid, whole_image_context))
         return io.NodeOutput([r[0] for r in rows], [r[1] for r in rows])
 
 
-def clip_captions(clip: comfy.sd.CLIP, images: torch.Tensor, asked: list[tuple[str, Decoding]],
-                  keep_loaded: bool) -> list[list[str]]:
-    """Each instruction's captions for every image through the CLIP, on one progress bar; one list per instruction."""
+def clip_caption_rows(clip: comfy.sd.CLIP, pictures: list[torch.Tensor], asked: list[tuple[str, Decoding]],
+                      keep_loaded: bool) -> list[list[str]]:
+    """Every picture's captions (one per instruction) through the CLIP, on one progress bar."""
     comfy_vlm.require_generating_clip(clip)
     for _, decoding in asked:
         if decoding.num_beams != 1 or decoding.repetition_penalty != 1.0:
@@ -276,10 +299,11 @@ def clip_captions(clip: comfy.sd.CLIP, images: torch.Tensor, asked: list[tuple[s
                              f"penalty; set low_level_num_beams to 1 and low_level_repetition_penalty to 1.0 (got "
                              f"{decoding.num_beams} and {decoding.repetition_penalty}), or connect mllm from XPSR "
                              "MLLM Loader for beam search")
-    bar = comfy.utils.ProgressBar(images.shape[0] * len(asked))
+    bar = comfy.utils.ProgressBar(len(pictures) * len(asked))
     try:
-        return [comfy_vlm.caption_images(clip, images, instruction, decoding.max_new_tokens, bar)
-                for instruction, decoding in asked]
+        per_instruction = [comfy_vlm.caption_images(clip, pictures, instruction, decoding.max_new_tokens, bar)
+                           for instruction, decoding in asked]
+        return [list(row) for row in zip(*per_instruction, strict=True)]
     finally:
         if not keep_loaded:
             unload(clip.patcher)
