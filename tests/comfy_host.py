@@ -60,6 +60,10 @@ XPSR_FILE = "xpsr_tiny.safetensors"
 
 # Under dynamic VRAM (ComfyUI 0.16 and later) ComfyUI's Linear and Embedding layers are built with no weight until a
 # state dict is loaded into them.
+# Text generation from images by a CLIP (ComfyUI's Generate Text node), with Qwen3-VL: both after 0.3.64.
+text_generation = pytest.mark.host_feature(
+    "text generation from images by a CLIP, with Qwen3-VL (ComfyUI's Generate Text node, after 0.3.64)",
+    importlib.util.find_spec("comfy.text_encoders.qwen3vl") is not None and hasattr(comfy.sd.CLIP, "generate"))
 deferred_layer_weights = pytest.mark.host_feature(
     "layers without weights until a state dict is loaded, under dynamic VRAM (ComfyUI 0.16 and later)",
     hasattr(comfy.ops.disable_weight_init, "_lazy_load_from_state_dict"))
@@ -249,10 +253,24 @@ TEST_PACK = textwrap.dedent('''
             import torch
             return io.NodeOutput(comfy_host.clone_for_another_device(model, torch.device("cpu")))
 
+    class XPSRTestTinyQwen3VL(io.ComfyNode):
+        """The tiny Qwen3-VL CLIP (tiny_comfy_vlm), as Load CLIP gives a real one."""
+
+        @classmethod
+        def define_schema(cls):
+            return io.Schema(node_id="XPSRTestTinyQwen3VL", category="testing", inputs=[],
+                             outputs=[io.Clip.Output()])
+
+        @classmethod
+        def execute(cls):
+            import tiny_comfy_vlm
+            return io.NodeOutput(tiny_comfy_vlm.shared())
+
     class _Ext(ComfyExtension):
         @override
         async def get_node_list(self):
-            return [XPSRTestTinySD15, XPSRTestDiffusersSD15, XPSRTestImage, XPSRTestLines, XPSRTestCloneForCPU]
+            return [XPSRTestTinySD15, XPSRTestDiffusersSD15, XPSRTestImage, XPSRTestLines, XPSRTestCloneForCPU,
+                    XPSRTestTinyQwen3VL]
 
     async def comfy_entrypoint():
         return _Ext()

@@ -26,7 +26,8 @@ pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
 WORKFLOWS = sorted((browser.REPO / "workflows").glob("*.json"))
 SCREENSHOTS = browser.REPO / "tests" / "output" / "browser"
 # The files the README tells a user to download, as the workflows name them.
-MODEL_FILES = ("checkpoints/v1-5-pruned-emaonly.safetensors", "xpsr/xpsr_fp16.safetensors")
+MODEL_FILES = ("checkpoints/v1-5-pruned-emaonly.safetensors", "xpsr/xpsr_fp16.safetensors",
+               "text_encoders/qwen3vl_8b_fp8_scaled.safetensors")
 BLUEPRINT = "XPSR Upscale"
 blueprints = pytest.mark.host_feature(
     "node packs' subgraph blueprints (app/subgraph_manager.py, ComfyUI 0.33)",

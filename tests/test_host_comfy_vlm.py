@@ -8,8 +8,6 @@ where ComfyUI has CLIP text generation and Qwen3-VL (after 0.3.64); the refusals
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 
 import comfy_host as H  # skips this module without COMFYUI_PATH
@@ -22,46 +20,20 @@ import tiny_comfy_vlm
 from xpsr_core.captioning.mllm import clean_caption
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-text_generation = pytest.mark.host_feature(
-    "text generation from images by a CLIP, with Qwen3-VL (ComfyUI's Generate Text node, after 0.3.64)",
-    tiny_comfy_vlm.host_has_qwen3vl())
 
 HIGH = "Describe the content."
 LOW = "Describe the quality."
 NODE = "XPSRTestTinyQwen3VL"
 
 
-@functools.cache
-def tiny_clip() -> comfy.sd.CLIP:
-    return tiny_comfy_vlm.build()
-
-
-class TinyQwen3VL:
-    """A test node giving the tiny Qwen3-VL CLIP, as Load CLIP gives a real one."""
-
-    CATEGORY = "testing"
-    RETURN_TYPES = ("CLIP",)
-    FUNCTION = "load"
-
-    @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {}}
-
-    def load(self) -> tuple:
-        return (tiny_clip(),)
-
-
 @pytest.fixture(scope="module", autouse=True)
-def tiny_vlm_node():
+def host():
     H.setup_host()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(H.nodes.NODE_CLASS_MAPPINGS, NODE, TinyQwen3VL)
-        yield
 
 
 @pytest.fixture
 def clip() -> comfy.sd.CLIP:
-    return tiny_clip()
+    return tiny_comfy_vlm.shared()
 
 
 def caption_node():
@@ -85,7 +57,7 @@ def loaded(clip: comfy.sd.CLIP) -> bool:
     return any(m.model is clip.patcher for m in mm.current_loaded_models)
 
 
-@text_generation
+@H.text_generation
 def test_each_caption_is_what_comfyuis_generate_text_node_writes_for_that_image_with_sampling_off(clip):
     from comfy_extras.nodes_textgen import TextGenerate
 
@@ -101,7 +73,7 @@ def test_each_caption_is_what_comfyuis_generate_text_node_writes_for_that_image_
     assert len(set(high)) == 3 and all(high + low), "every image gets a caption of its own"
 
 
-@text_generation
+@H.text_generation
 def test_a_batch_is_captioned_as_its_images_one_at_a_time_and_pictures_as_images(clip):
     vlm = H.pack_module("nodes.comfy_vlm")
     images = (H.test_image(24, 24, batch=3, seed=2) * 255).round() / 255  # 8-bit values, as pictures hold
@@ -111,7 +83,7 @@ def test_a_batch_is_captioned_as_its_images_one_at_a_time_and_pictures_as_images
     assert vlm.caption_images(clip, [to_pil(image) for image in images], HIGH, 6) == batch
 
 
-@text_generation
+@H.text_generation
 def test_generate_decodes_greedily_once_per_image_and_instruction_with_each_token_limit(clip, monkeypatch):
     calls = []
     generate = comfy.sd.CLIP.generate
@@ -128,7 +100,7 @@ def test_generate_decodes_greedily_once_per_image_and_instruction_with_each_toke
     assert again == first
 
 
-@text_generation
+@H.text_generation
 def test_clip_captions_feed_dual_prompt_encode_one_per_image():
     executor, _ = H.run_ok(caption_graph(["30", 0], batch=2))
     high, low = H.outputs(executor, "21")[:2]
@@ -137,7 +109,7 @@ def test_clip_captions_feed_dual_prompt_encode_one_per_image():
     assert H.output(executor, "5").shape == (2, 32, 32, 3)
 
 
-@text_generation
+@H.text_generation
 @pytest.mark.parametrize("keep_loaded", [False, True])
 def test_comfyui_places_the_clips_model_while_captioning_and_it_is_offloaded_after_unless_kept(clip, keep_loaded):
     mm.unload_all_models()
@@ -152,7 +124,7 @@ def test_comfyui_places_the_clips_model_while_captioning_and_it_is_offloaded_aft
     mm.unload_all_models()
 
 
-@text_generation
+@H.text_generation
 def test_progress_counts_every_image_of_both_instructions_on_one_bar(clip):
     progress = []
     comfy.utils.set_progress_bar_global_hook(
@@ -165,7 +137,7 @@ def test_progress_counts_every_image_of_both_instructions_on_one_bar(clip):
     assert captioned[0] == 1 and captioned[-1] == 6 and captioned == sorted(captioned)
 
 
-@text_generation
+@H.text_generation
 def test_an_interrupt_stops_before_the_next_image_and_the_next_run_works(monkeypatch):
     generated = []
     generate = comfy.sd.CLIP.generate
@@ -184,7 +156,7 @@ def test_an_interrupt_stops_before_the_next_image_and_the_next_run_works(monkeyp
     H.run_ok(caption_graph(["30", 0], batch=1, tokens=9))
 
 
-@text_generation
+@H.text_generation
 def test_beam_search_is_refused_on_the_clip_route_naming_the_inputs(clip):
     with pytest.raises(ValueError, match="set low_level_num_beams to 1 and low_level_repetition_penalty to 1.0 "
                                          r"\(got 5 and 1.5\), or connect mllm from XPSR MLLM Loader"):
@@ -206,7 +178,7 @@ def test_both_mllm_and_clip_is_a_clear_error():
         caption_node().execute(H.test_image(24, 24), HIGH, LOW, 3, False, mllm=mllm, clip=H.make_clip())
 
 
-@text_generation
+@H.text_generation
 def test_a_clip_whose_model_only_encodes_is_refused_saying_so():
     executor, _ = H.run(caption_graph(["1", 1], tokens=11))
     assert not executor.success

@@ -38,7 +38,7 @@ def mllms() -> dict:
 
 def captioner(kind: str, mllms: dict) -> dict:
     if kind == "comfy_vlm":
-        return {"clip": tiny_comfy_vlm.build()}
+        return {"clip": tiny_comfy_vlm.shared()}
     return {"mllm": mllms[kind]}
 
 
@@ -53,9 +53,7 @@ def tile_grid(image: torch.Tensor, **settings):
 
 ROUTES = [pytest.param("llava"), pytest.param("qwen2_vl", marks=pytest.mark.skipif(
     bool(tiny_vlm.qwen2_vl_unavailable()), reason=str(tiny_vlm.qwen2_vl_unavailable()))),
-          pytest.param("comfy_vlm", marks=pytest.mark.host_feature(
-              "text generation from images by a CLIP, with Qwen3-VL (ComfyUI's Generate Text node, after 0.3.64)",
-              tiny_comfy_vlm.host_has_qwen3vl()))]
+          pytest.param("comfy_vlm", marks=H.text_generation)]
 
 
 @pytest.mark.parametrize("kind", ROUTES)

@@ -61,6 +61,8 @@ def with_tiny_models(prompt: dict, image: str, dataset: str) -> dict:
         inputs = node["inputs"]
         if node["class_type"] == "CheckpointLoaderSimple":
             node["class_type"], node["inputs"] = "XPSRTestTinySD15", {}
+        elif node["class_type"] == "CLIPLoader":
+            node["class_type"], node["inputs"] = "XPSRTestTinyQwen3VL", {}
         elif node["class_type"] == "XPSRLoader":
             inputs["xpsr_model"] = H.XPSR_FILE
         elif node["class_type"] == "XPSRMLLMLoader":
@@ -78,9 +80,10 @@ def with_tiny_models(prompt: dict, image: str, dataset: str) -> dict:
     return prompt
 
 
-def test_there_are_the_five_example_workflows():
-    assert [w.stem for w in WORKFLOWS] == ["xpsr_caption_files", "xpsr_chained_ksampler", "xpsr_large_image_tiles",
-                                          "xpsr_manual_prompts", "xpsr_mllm_captions"]
+def test_there_are_the_seven_example_workflows():
+    assert [w.stem for w in WORKFLOWS] == ["xpsr_caption_files", "xpsr_chained_ksampler", "xpsr_comfy_vlm_captions",
+                                          "xpsr_large_image_tiles", "xpsr_manual_prompts", "xpsr_mllm_captions",
+                                          "xpsr_tile_captions"]
     assert all(w.with_suffix(".jpg").is_file() for w in WORKFLOWS)
 
 
@@ -97,7 +100,9 @@ def test_workflow_validates_as_saved(path: Path, input_image: str):
     assert all(set(msgs) <= unknown_files for msgs in errors.values()), errors
 
 
-@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", [
+    pytest.param(path, id=path.stem, marks=[H.text_generation] if path.stem == "xpsr_comfy_vlm_captions" else [])
+    for path in WORKFLOWS])
 def test_workflow_runs_with_tiny_models(path: Path, input_image: str, captioned_dataset: str, tiny_llm):
     prompt = with_tiny_models(H.ui_to_api(json.loads(path.read_text())), input_image, captioned_dataset)
     executor, _ = H.run_ok(prompt)

@@ -42,7 +42,7 @@ def overlap(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
 
 
 def test_there_are_workflows():
-    assert len(WORKFLOWS) == 5
+    assert len(WORKFLOWS) == 7
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)

@@ -14,7 +14,7 @@ ComfyUI on the path; it imports Qwen3-VL only when building, so it loads on host
 
 from __future__ import annotations
 
-import importlib.util
+import functools
 from unittest import mock
 
 import torch
@@ -33,9 +33,10 @@ FIRST_ADDED_TOKEN = 151643
 """<|endoftext|>, the first of the tokens added to Qwen's vocabulary: the stop tokens, chat and vision markers."""
 
 
-def host_has_qwen3vl() -> bool:
-    """Whether this ComfyUI has Qwen3-VL and a CLIP that generates text (both after 0.3.64)."""
-    return importlib.util.find_spec("comfy.text_encoders.qwen3vl") is not None and hasattr(comfy.sd.CLIP, "generate")
+@functools.cache
+def shared() -> comfy.sd.CLIP:
+    """One tiny Qwen3-VL CLIP for the whole test session, as one Load CLIP output serves a server's prompts."""
+    return build()
 
 
 def build() -> comfy.sd.CLIP:
