@@ -82,7 +82,7 @@ def test_registry_package_leaves_out_tests_and_fixtures():
     assert not [p for p in packed if p.startswith("tests/")], "tests (33 MB of fixtures) would be in the package"
     assert not [p for p in packed if p.startswith(".ci/")]
     size = sum((ROOT / p).stat().st_size for p in packed)
-    assert size < 2_000_000, f"the package would hold {size / 1e6:.1f} MB"
+    assert size < 2_500_000, f"the package would hold {size / 1e6:.1f} MB"  # 1.6 MB: the 7 workflows' thumbnails
 
 
 def test_registry_package_holds_everything_the_pack_runs_with():
