@@ -190,6 +190,9 @@ def make_vae_from_diffusers(base: Path) -> comfy.sd.VAE:
                         dtype=torch.float32)
 
 
+TINY_VLM_PACK = REPO / "tests" / "tiny_vlm_pack"
+"""The tiny Qwen3-VL CLIP as a node (XPSRTestTinyQwen3VL), for in-process graphs and test servers alike."""
+
 TEST_PACK = textwrap.dedent('''
     from pathlib import Path
 
@@ -253,24 +256,10 @@ TEST_PACK = textwrap.dedent('''
             import torch
             return io.NodeOutput(comfy_host.clone_for_another_device(model, torch.device("cpu")))
 
-    class XPSRTestTinyQwen3VL(io.ComfyNode):
-        """The tiny Qwen3-VL CLIP (tiny_comfy_vlm), as Load CLIP gives a real one."""
-
-        @classmethod
-        def define_schema(cls):
-            return io.Schema(node_id="XPSRTestTinyQwen3VL", category="testing", inputs=[],
-                             outputs=[io.Clip.Output()])
-
-        @classmethod
-        def execute(cls):
-            import tiny_comfy_vlm
-            return io.NodeOutput(tiny_comfy_vlm.shared())
-
     class _Ext(ComfyExtension):
         @override
         async def get_node_list(self):
-            return [XPSRTestTinySD15, XPSRTestDiffusersSD15, XPSRTestImage, XPSRTestLines, XPSRTestCloneForCPU,
-                    XPSRTestTinyQwen3VL]
+            return [XPSRTestTinySD15, XPSRTestDiffusersSD15, XPSRTestImage, XPSRTestLines, XPSRTestCloneForCPU]
 
     async def comfy_entrypoint():
         return _Ext()
@@ -321,7 +310,7 @@ def setup_host() -> None:
     test_pack.mkdir()
     (test_pack / "__init__.py").write_text(TEST_PACK)
     sys.modules.setdefault("comfy_host", sys.modules[__name__])
-    for pack in (REPO, test_pack):
+    for pack in (REPO, test_pack, TINY_VLM_PACK):
         assert asyncio.run(nodes.load_custom_node(str(pack), ignore=set(nodes.NODE_CLASS_MAPPINGS))), pack
     _loaded = True
 

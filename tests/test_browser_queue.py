@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import comfy_host  # noqa: F401 (skips this module without COMFYUI_PATH)
+import comfy_host  # skips this module without COMFYUI_PATH
 
 import browser
 import user_models as U
@@ -20,8 +20,9 @@ pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
 
 DATASET = "xpsr_dataset"
 """The dataset folder (in ComfyUI's input folder) the caption-files workflow reads."""
-OUTPUT_SIDE = {"xpsr_caption_files": 64, "xpsr_chained_ksampler": 128, "xpsr_large_image_tiles": 64,
-               "xpsr_manual_prompts": 64, "xpsr_mllm_captions": 64}
+OUTPUT_SIDE = {"xpsr_caption_files": 64, "xpsr_chained_ksampler": 128, "xpsr_comfy_vlm_captions": 64,
+               "xpsr_large_image_tiles": 64, "xpsr_manual_prompts": 64, "xpsr_mllm_captions": 64,
+               "xpsr_tile_captions": 64}
 """The LR image (32 px) x the scale set below (2), or x the Upscale Image By node (4) of the KSampler workflow."""
 
 POINT_AT_USER_FILES = """(files) => {
@@ -29,11 +30,24 @@ POINT_AT_USER_FILES = """(files) => {
                       max_new_tokens: 4};
     for (const node of app.graph.nodes) for (const widget of node.widgets || []) {
         if (widget.name in settings) widget.value = settings[widget.name];
-        if (node.type === "XPSRSampler" && widget.name === "scale") widget.value = 2;
+        if (["XPSRSampler", "XPSRTileGrid"].includes(node.type) && widget.name === "scale") widget.value = 2;
         if (node.type === "XPSRMLLMLoader" && widget.name === "model") widget.value = files.llm;
     }
 }"""
 """What a user changes: the model files, and (for the CPU) fewer steps and tokens, a smaller processing size."""
+TINY_VLM_FOR_LOAD_CLIP = """() => {
+    const load = app.graph.nodes.find(n => n.type === "CLIPLoader");
+    if (!load) return;
+    const tiny = LiteGraph.createNode("XPSRTestTinyQwen3VL");
+    tiny.pos = load.pos;
+    app.graph.add(tiny);
+    for (const id of load.outputs[0].links || []) {
+        const link = app.graph.links[id] ?? app.graph.links.get(id);
+        tiny.connect(0, app.graph.getNodeById(link.target_id), link.target_slot);
+    }
+    app.graph.remove(load);
+}"""
+"""A test server cannot load a real Qwen3-VL file: the tiny one (tests/tiny_vlm_pack) takes Load CLIP's place."""
 SHOWN = """() => app.graph.nodes.filter(n => n.type === "SaveImage")
     .flatMap(n => (n.imgs || []).map(i => i.naturalWidth)).filter(width => width > 0)"""
 """The widths of the images the Save Image nodes show (the frontend loads a node's images when it draws it)."""
@@ -54,7 +68,7 @@ def server(frontend, front_end_root, lr_image: Path, tmp_path_factory):
     for folder, caption in (("highlevel_prompt", "an astronaut in a white suit"), ("lowlevel_prompt_q", "blurry")):
         (dataset / folder).mkdir()
         (dataset / folder / f"{lr_image.stem}.txt").write_text(caption + "\n")
-    with browser.comfy_server(base, front_end_root, MODEL_FILES) as url:
+    with browser.comfy_server(base, front_end_root, MODEL_FILES, packs=[comfy_host.TINY_VLM_PACK]) as url:
         yield url, models
 
 
@@ -64,13 +78,16 @@ def page(server):
         yield page
 
 
-@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", [
+    pytest.param(path, id=path.stem, marks=[comfy_host.text_generation] if path.stem == "xpsr_comfy_vlm_captions"
+                 else []) for path in WORKFLOWS])
 def test_the_workflow_runs_from_the_run_button_and_shows_the_restored_image(page, server, lr_image: Path,
                                                                             path: Path):
     models = server[1]
     assert browser.load_workflow(page, json.loads(path.read_text())) == CLEAN
     page.page.evaluate(POINT_AT_USER_FILES, {"checkpoint": models.checkpoint, "xpsr": models.xpsr,
                                              "llm": models.llm})
+    page.page.evaluate(TINY_VLM_FOR_LOAD_CLIP)
     if any(node["type"] == "LoadImage" for node in json.loads(path.read_text())["nodes"]):
         with page.page.expect_file_chooser() as chooser:
             page.page.evaluate("""() => app.graph.nodes.find(n => n.type === "LoadImage").widgets
