@@ -20,6 +20,7 @@ from comfy_api.latest import io
 
 from ..xpsr_core.captioning.caption_dataset import open_rgb
 from ..xpsr_core.captioning.captions import (
+    CAPTION_SUFFIX,
     TILE_CAPTIONS_SUFFIX,
     caption_paths,
     list_lr_images,
@@ -30,7 +31,7 @@ from .access import allowed_path, dataset_folder
 from .common import CATEGORY
 
 MISSING_CAPTION_CHOICES = ("error", "empty")
-CAPTION_CHOICES = {"whole image": ".txt", "per tile": TILE_CAPTIONS_SUFFIX}
+CAPTION_CHOICES = {"whole image": CAPTION_SUFFIX, "per tile": TILE_CAPTIONS_SUFFIX}
 
 
 def load_caption(path: Path, missing_caption: str) -> str:
@@ -134,7 +135,7 @@ class XPSRLoadCaptionedImages(io.ComfyNode):
         """The chosen files' sizes and times: an edited caption or image is read again instead of coming from
         ComfyUI's cache, as Load Image does for its file."""
         paths = select(list_lr_images(dataset_folder(dataset)), start, count, dataset)
-        suffix = CAPTION_CHOICES.get(captions, ".txt")
+        suffix = CAPTION_CHOICES.get(captions, CAPTION_SUFFIX)
         files = [f for p in paths for f in (p, *astuple(caption_paths(p, suffix)))]
         return [(str(f), f.stat().st_mtime_ns, f.stat().st_size) if f.is_file() else (str(f),) for f in files]
 

@@ -3,7 +3,8 @@
 The low-level embedding rides in each conditioning entry's ``model_conds``, so ComfyUI
 batches it per CFG branch and the usual conditioning nodes can sit in between. Which prompts
 fill which branch (Eq. 6, paper or released code) is xpsr_core.pipeline.guidance's choice,
-made on the texts, so each distinct prompt list is encoded once.
+made on the texts, so each distinct text is encoded once (per-image and per-tile lists repeat
+texts). With a tile grid, per-tile lists become per-tile conditioning (tile_prompts).
 """
 
 from __future__ import annotations
